@@ -1,0 +1,170 @@
+"""The `rayalign` command.
+
+    rayalign demo                      # the whole story on the embedded default
+    rayalign presets OUT               # tokenizer + tiny/small Llama presets (random init)
+    rayalign world OUT                 # the synthetic world's data sets as JSONL
+    rayalign pretrain model=PRESET output=DIR
+    rayalign sft --config sft.yaml learner.lr=1e-4 seeds=[0,1,2]
+    rayalign rm base=SFT_DIR output=DIR objectives=each
+    rayalign eval models=[A,B] split=test
+
+Training commands take an optional --config YAML plus dotted overrides (key.sub=value); the
+resolved config is saved in the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rayalign.config.core import ConfigError, load_config
+from rayalign.config.schema import EvalConfig, PretrainConfig, RMConfig, SFTConfig
+from rayalign.utils.logging import setup_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="rayalign: Ray-distributed RLHF and model soups. Start with `rayalign demo`.")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted overrides, e.g. learner.lr=1e-4 seeds=[0,1]")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue an interrupted run in the same output")]
+
+
+def _fail(exc: BaseException) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rayalign.data.loaders import DatasetSourceError
+    from rayalign.data.schema import DatasetRowError
+    from rayalign.models.checkpoint import CheckpointError
+    from rayalign.utils.io import OutputExistsError
+
+    return (ConfigError, OutputExistsError, CheckpointError, DatasetRowError, DatasetSourceError, FileNotFoundError)
+
+
+def _run(fn, *args, **kw):  # type: ignore[no-untyped-def]
+    setup_logging()
+    try:
+        return fn(*args, **kw)
+    except _user_errors() as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="tiny preset and little data (for tests)")] = False,
+    resume: ResumeOpt = False,
+) -> None:
+    """The end-to-end demo on the embedded synthetic task; writes OUT/report.md."""
+    from rayalign.recipes.demo import run_demo
+
+    summary = _run(run_demo, out, quick=quick, resume=resume)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"wall time {summary['wall_time_s']:.0f}s; run directory {out}")
+
+
+@app.command()
+def presets(
+    out: Annotated[Path, typer.Argument(help="directory to create (OUT/tiny, OUT/small)")],
+    seed: int = 0,
+) -> None:
+    """Train the world's tokenizer and save randomly initialised tiny/small Llama presets."""
+    from rayalign.models.presets import build_presets
+    from rayalign.utils.io import OutputExistsError
+
+    if out.exists():
+        _fail(OutputExistsError(f"output directory already exists: {out}"))
+    paths = _run(build_presets, out, seed)
+    for name, p in paths.items():
+        typer.echo(f"{name}: {p}")
+
+
+@app.command()
+def world(
+    out: Annotated[Path, typer.Argument(help="directory to create with the world's JSONL files")],
+    seed: int = 0,
+    noise: Annotated[float, typer.Option(help="Bradley-Terry label noise (temperature)")] = 0.0,
+) -> None:
+    """Export the synthetic world (prompt splits, SFT demonstrations, preference pairs) as JSONL."""
+    from rayalign.utils.io import atomic_dir
+    from rayalign.world import build
+    from rayalign.world.gold import OBJECTIVES
+
+    def export() -> None:
+        splits = build.split_prompts(seed)
+        with atomic_dir(out) as tmp:
+            for name, prompts in splits.items():
+                build.prompt_dataset(prompts).to_json(tmp / f"prompts_{name}.jsonl")
+                build.sft_dataset(prompts, 4, seed).to_json(tmp / f"sft_{name}.jsonl")
+                build.preference_dataset(prompts, [0.6, 0.2, 0.2], 4, noise, seed).to_json(tmp / f"prefs_{name}.jsonl")
+            (tmp / "README.txt").write_text(f"rayalign synthetic world, seed {seed}, objectives {OBJECTIVES}\n")
+
+    _run(export)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def pretrain(config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False) -> None:
+    """Pre-train a base model on the world's unlabelled corpus (keys: model, output, ...)."""
+    from rayalign.recipes.supervised import run_pretrain
+
+    cfg = _run(load_config, PretrainConfig, config, overrides or [])
+    typer.echo(f"wrote {_run(run_pretrain, cfg, resume=resume)}")
+
+
+@app.command()
+def sft(config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False) -> None:
+    """Train one SFT model per seed from one base (SALSA needs >= 2): OUTPUT/sft-SEED."""
+    from rayalign.recipes.supervised import run_sft
+
+    cfg = _run(load_config, SFTConfig, config, overrides or [])
+    for p in _run(run_sft, cfg, resume=resume):
+        typer.echo(f"wrote {p}")
+
+
+@app.command()
+def rm(config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False) -> None:
+    """Train a Bradley-Terry reward model (scalar head; objectives=each for one head per objective)."""
+    from rayalign.recipes.supervised import run_rm
+
+    cfg = _run(load_config, RMConfig, config, overrides or [])
+    path = _run(run_rm, cfg, resume=resume)
+    typer.echo(f"wrote {path}; held-out accuracy {json.loads((path / 'rayalign.json').read_text())['heldout_accuracy']}")
+
+
+@app.command("eval")
+def eval_(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Gold evaluation of models on held-out world prompts, with win rates against the first."""
+    from rayalign.eval.gold import evaluate, win_rate
+    from rayalign.models.checkpoint import load_causal_lm
+    from rayalign.world.build import split_prompts
+
+    cfg = _run(load_config, EvalConfig, config, overrides or [])
+    prompts = split_prompts(cfg.seed)[cfg.split][: cfg.limit]
+    results = []
+    for path in cfg.models:
+        model, tok = _run(load_causal_lm, path)
+        results.append(evaluate(path, model, tok, prompts, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, seed=cfg.seed, weights=cfg.weights))
+    for r in results:
+        row = r.summary()
+        row["win_rate_vs_first"] = win_rate(r, results[0])
+        typer.echo(json.dumps(row))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

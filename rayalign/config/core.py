@@ -1,0 +1,128 @@
+"""Typed configs from YAML with dotted command-line overrides.
+
+    cfg = load_config(SFTConfig, "sft.yaml", ["learner.lr=1e-4", "n_seeds=3"])
+
+Unknown keys and bad values are ConfigError naming the key (dotted path) and, where the
+field has a fixed set of values, the allowed ones.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is allowed."""
+
+
+class Strict(BaseModel):
+    """Base of every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _fields_of(cls: type[BaseModel], path: list[str]) -> list[str]:
+    """Allowed keys at a dotted path, for error messages."""
+    for part in path:
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        sub = _model_in(field.annotation)
+        if sub is None:
+            return []
+        cls = sub
+    return sorted(cls.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_of(cls, loc[:-1])
+            lines.append(f"  unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> T:
+    """Build `cls` from (base dict) <- (YAML file) <- (dotted overrides)."""
+    data: dict[str, Any] = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        data = _deep_merge(data, loaded)
+        source = str(p)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(cls, err, source)) from None
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

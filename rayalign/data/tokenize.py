@@ -1,0 +1,78 @@
+"""Turn rows into token tensors through the tokenizer's chat template.
+
+Loss masks are derived from the template itself: the tokens of assistant turns are the ones
+between `template(messages[:i], add_generation_prompt=True)` and `template(messages[:i+1])`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE = -100
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def render(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_sft(tok: Any, messages: list[dict[str, str]], max_len: int) -> dict[str, list[int]]:
+    """input_ids with labels on assistant tokens only (IGNORE elsewhere), truncated to max_len."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _ids(tok, render(tok, messages[:i], add_generation_prompt=True))
+        upto = _ids(tok, render(tok, messages[: i + 1]))
+        if upto[: len(before)] != before:
+            raise ValueError("the tokenizer's chat template is not prefix-stable; cannot mask prompt tokens")
+        new_ctx = before[len(ids):]
+        labels += [IGNORE] * len(new_ctx) + upto[len(before):]
+        ids = upto
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def encode_prompt(tok: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return _ids(tok, render(tok, msgs, add_generation_prompt=True))
+
+
+def encode_conversation(tok: Any, messages: list[dict[str, str]], max_len: int) -> dict[str, Any]:
+    """Full conversation ids plus the length of its prompt part (for reward models and DPO)."""
+    full = _ids(tok, render(tok, messages))
+    prompt_len = len(encode_prompt(tok, messages[:-1]))
+    return {"input_ids": full[-max_len:] if len(full) > max_len else full,
+            "prompt_len": max(0, prompt_len - max(0, len(full) - max_len))}
+
+
+def pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    rows = [(s + [value] * (n - len(s))) if side == "right" else ([value] * (n - len(s)) + s) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_lm(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    ids = pad([b["input_ids"] for b in batch], pad_id)
+    return {
+        "input_ids": ids,
+        "attention_mask": pad([[1] * len(b["input_ids"]) for b in batch], 0),
+        "labels": pad([b["labels"] for b in batch], IGNORE),
+    }
+
+
+def collate_pairs(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, in one right-padded batch."""
+    seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+    out = {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+    }
+    if "objective" in batch[0]:
+        out["objective"] = torch.tensor([b["objective"] for b in batch], dtype=torch.long)
+    return out

@@ -1,0 +1,85 @@
+"""Gold evaluation: generate on held-out prompts, score every objective with the gold rewards,
+report means with spread and win rates. Success in rayalign is always measured here, never on
+a learned reward model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayalign.data.tokenize import encode_prompt, pad
+from rayalign.world.gold import OBJECTIVES, gold_vector
+
+
+@dataclass
+class GoldResult:
+    """Gold scores of one model: `scores[i, j, k]` = prompt i, sample j, objective k."""
+
+    name: str
+    prompts: list[str]
+    responses: list[list[str]]
+    scores: np.ndarray
+    weights: np.ndarray = field(default_factory=lambda: np.array([0.6, 0.2, 0.2]))
+
+    @property
+    def combined(self) -> np.ndarray:
+        return self.scores @ self.weights
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and standard error (over prompts) of each objective and of the combination."""
+        per_prompt = self.scores.mean(axis=1)  # [P, K]
+        n = per_prompt.shape[0]
+        out: dict[str, Any] = {"model": self.name, "prompts": n, "samples": int(self.scores.shape[1])}
+        for k, o in enumerate(OBJECTIVES):
+            out[o] = float(per_prompt[:, k].mean())
+            out[f"{o}_se"] = float(per_prompt[:, k].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        comb = self.combined.mean(axis=1)
+        out["combined"] = float(comb.mean())
+        out["combined_se"] = float(comb.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+        out["mean_words"] = float(np.mean([len(r.split()) for rs in self.responses for r in rs]))
+        return out
+
+
+def win_rate(a: GoldResult, b: GoldResult) -> float:
+    """P(a's combined gold reward > b's) over matched (prompt, sample) pairs; ties count 1/2."""
+    if a.prompts != b.prompts or a.scores.shape != b.scores.shape:
+        raise ValueError(f"win_rate needs both models evaluated on the same prompts and sample counts "
+                         f"({a.name}: {a.scores.shape}, {b.name}: {b.scores.shape})")
+    ca, cb = a.combined, b.combined
+    return float(np.mean((ca > cb) + 0.5 * (ca == cb)))
+
+
+@torch.no_grad()
+def generate(model: Any, tok: Any, prompts: list[str], n: int = 1, max_new_tokens: int = 40,
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[list[str]]:
+    """HF generate (the fallback rollout path): n responses per prompt, decoded without specials."""
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    flat = [p for p in prompts for _ in range(n)]
+    texts: list[str] = []
+    for i in range(0, len(flat), batch_size):
+        ids = [encode_prompt(tok, p) for p in flat[i:i + batch_size]]
+        input_ids = pad(ids, tok.pad_token_id, side="left").to(device)
+        mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)
+        kw: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
+                              "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+        if temperature > 0:
+            kw.update(temperature=temperature, top_k=0, top_p=1.0)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **kw)
+        texts += tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return [[t.strip() for t in texts[j * n:(j + 1) * n]] for j in range(len(prompts))]
+
+
+def score(name: str, prompts: list[str], responses: list[list[str]], weights: Any = (0.6, 0.2, 0.2)) -> GoldResult:
+    scores = np.array([[gold_vector(p, r) for r in rs] for p, rs in zip(prompts, responses)])
+    return GoldResult(name, prompts, responses, scores, np.asarray(weights, dtype=np.float64))
+
+
+def evaluate(name: str, model: Any, tok: Any, prompts: list[str], n: int = 2, max_new_tokens: int = 40,
+             temperature: float = 1.0, seed: int = 0, weights: Any = (0.6, 0.2, 0.2)) -> GoldResult:
+    responses = generate(model, tok, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return score(name, prompts, responses, weights)

@@ -1,0 +1,139 @@
+"""The DeepSpeed learner: one plain class used for pre-training, SFT, reward models and, wrapped
+in Ray actors, for the distributed RL learner groups. No Ray in here.
+
+    learner = Learner(model, LearnerConfig(zero_stage=2), total_steps=1000)
+    metrics = learner.step(micro_batches, loss_fn)   # one optimiser step
+    learner.save_pretrained("out/", tokenizer)       # HF directory, atomically, from rank 0
+    learner.save_state("state/", {"step": 10})       # full training state for resume
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayalign.config.schema import LearnerConfig
+from rayalign.learner.dist import barrier, deepspeed, init_process_group, is_rank0
+from rayalign.models.checkpoint import save_model
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        # torch's AdamW: no fused-kernel compilation; allowed with CPU offload too.
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                   "betas": [0.9, 0.95], "torch_adam": True}},
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if total <= warmup:
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+class Learner:
+    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, total_steps: int | None = None):
+        init_process_group(cfg.backend)
+        self.cfg = cfg
+        total = total_steps or 0
+        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))) \
+            if total else None
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg), lr_scheduler=sched)
+        self.global_step = 0
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, float]:
+        """One optimiser step over `grad_accum` micro-batches; returns averaged metrics."""
+        if len(micro_batches) != self.cfg.grad_accum:
+            raise ValueError(f"step() got {len(micro_batches)} micro-batches, learner.grad_accum is {self.cfg.grad_accum}")
+        self.engine.train()
+        totals: dict[str, float] = {}
+        for mb in micro_batches:
+            mb = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mb.items()}
+            loss, metrics = loss_fn(self.engine, mb)
+            self.engine.backward(loss)
+            self.engine.step()
+            metrics = {"loss": float(loss.detach()), **metrics}
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / len(micro_batches)
+        self.global_step += 1
+        totals["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            totals["grad_norm"] = float(gn)
+        return totals
+
+    # ---- weights out ----------------------------------------------------------------------
+    def iter_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full (un-partitioned) parameters one by one, on every rank; under ZeRO-3 each is
+        gathered just for its turn, so peak memory is one parameter, not the model."""
+        for name, p in self.module.named_parameters():
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.detach().clone()
+            else:
+                yield name, p.detach()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on CPU (collective: every rank must call it)."""
+        return {n: t.to("cpu", copy=True) for n, t in self.iter_full_params()}
+
+    def save_pretrained(self, out: str | Path, tokenizer: Any = None, overwrite: bool = False,
+                        extra: dict[str, Any] | None = None) -> Path:
+        """HF directory (safetensors) written atomically by rank 0; collective."""
+        sd = self.full_state_dict()
+        if is_rank0():
+            save_model(self.module, tokenizer, out, state_dict=sd, overwrite=overwrite, extra=extra)
+        barrier()
+        return Path(out)
+
+    # ---- training state for resume ---------------------------------------------------------
+    def save_state(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        """Model, optimiser, scheduler and `client_state` (step, data position, RNG, ...)."""
+        state = dict(client_state, global_step=self.global_step)
+        self.engine.save_checkpoint(str(directory), tag=f"step{self.global_step}", client_state=state)
+
+    def load_state(self, directory: str | Path) -> dict[str, Any] | None:
+        """Load the latest state saved in `directory`; None if there is none."""
+        if not (Path(directory) / "latest").is_file():
+            return None
+        _, client = self.engine.load_checkpoint(str(directory))
+        if client is None:
+            raise RuntimeError(f"cannot load the training state in {directory}")
+        self.global_step = int(client.get("global_step", 0))
+        return client

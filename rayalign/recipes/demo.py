@@ -1,0 +1,149 @@
+"""The end-to-end demo on the embedded default (README Quickstart line 1).
+
+world -> tokenizer and preset -> pre-trained base -> N SFT seeds -> uniform soup -> reward model
+-> gold evaluation of every model -> report.md / results.json in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rayalign.config.schema import (
+    DataConfig,
+    LearnerConfig,
+    PretrainConfig,
+    RMConfig,
+    SFTConfig,
+    WorldConfig,
+)
+from rayalign.eval.gold import GoldResult, evaluate, win_rate
+from rayalign.models.checkpoint import load_causal_lm, save_model
+from rayalign.models.presets import build_preset, n_params, train_tokenizer
+from rayalign.recipes.supervised import run_pretrain, run_rm, run_sft
+from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
+from rayalign.utils.logging import log
+from rayalign.world.build import split_prompts
+from rayalign.world.gold import OBJECTIVES
+
+
+def uniform_soup(paths: list[Path], out: Path) -> Path:
+    """Plain state-dict average of models sharing one architecture (stand-in until the merge
+    engine lands)."""
+    models = [load_causal_lm(p)[0] for p in paths]
+    _, tok = load_causal_lm(paths[0])
+    sds = [m.state_dict() for m in models]
+    avg = {k: sum(sd[k].float() for sd in sds) / len(sds) for k in sds[0]}
+    models[0].load_state_dict(avg)
+    return save_model(models[0], tok, out, extra={"stage": "soup", "ingredients": [str(p) for p in paths]})
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return dict(preset="tiny", pretrain_docs=1500, pretrain_epochs=1.0, sft_per_prompt=2, sft_epochs=1.0,
+                    pairs_per_prompt=2, rm_epochs=1.0, eval_prompts=16, eval_samples=1)
+    return dict(preset="small", pretrain_docs=8000, pretrain_epochs=2.0, sft_per_prompt=6, sft_epochs=2.0,
+                pairs_per_prompt=8, rm_epochs=2.0, eval_prompts=None, eval_samples=4)
+
+
+def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: tuple[int, ...] = (0, 1),
+             world_seed: int = 0) -> dict[str, Any]:
+    out = Path(out)
+    if out.exists() and not resume:
+        raise OutputExistsError(f"demo run directory already exists: {out} (pass --resume to continue it)")
+    out.mkdir(parents=True, exist_ok=True)
+    s = _settings(quick)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    world = WorldConfig(seed=world_seed, pretrain_docs=s["pretrain_docs"], sft_per_prompt=s["sft_per_prompt"],
+                        pairs_per_prompt=s["pairs_per_prompt"])
+    prompts = split_prompts(world_seed)["test"][: s["eval_prompts"]]
+    results: dict[str, GoldResult] = {}
+
+    def stage(name: str) -> None:
+        timings[name] = round(time.time() - t0 - sum(timings.values()), 1)
+        log.info("demo: %s done (%.1fs)", name, timings[name])
+
+    def gold(name: str, path: Path) -> None:
+        model, tok = load_causal_lm(path)
+        results[name] = evaluate(name, model, tok, prompts, n=s["eval_samples"], seed=world_seed,
+                                 weights=world.weights)
+        log.info("demo: gold %s: %s", name, {k: round(v, 3) for k, v in results[name].summary().items()
+                                              if k in OBJECTIVES + ("combined",)})
+
+    # 1. tokenizer and randomly initialised preset
+    preset = out / "presets" / s["preset"]
+    if not preset.is_dir():
+        build_preset(s["preset"], preset, train_tokenizer(world_seed), seed=world_seed)
+    params = n_params(load_causal_lm(preset)[0])
+    gold("random-init", preset)
+    stage("preset")
+
+    # 2. pre-trained base, 3. SFT seeds
+    base = run_pretrain(PretrainConfig(model=str(preset), output=str(out / "base"), world=world,
+                                       epochs=s["pretrain_epochs"],
+                                       learner=LearnerConfig(lr=3e-3, micro_batch_size=32, warmup_steps=20)),
+                        resume=resume)
+    gold("base", base)
+    stage("pretrain")
+    sft_paths = run_sft(SFTConfig(base=str(base), output=str(out / "sft"), seeds=list(seeds), world=world,
+                                  epochs=s["sft_epochs"], learner=LearnerConfig(lr=1e-3, micro_batch_size=16,
+                                                                                warmup_steps=10)),
+                        resume=resume)
+    for p in sft_paths:
+        gold(p.name, p)
+    stage("sft")
+
+    # 4. uniform soup of the SFT seeds
+    soup = out / "soup"
+    if not soup.is_dir():
+        uniform_soup(sft_paths, soup)
+    gold("soup", soup)
+    stage("soup")
+
+    # 5. reward model on noise-free Bradley-Terry pairs
+    rm = run_rm(RMConfig(base=str(sft_paths[0]), output=str(out / "rm"), world=world, epochs=s["rm_epochs"],
+                         data=DataConfig(max_seq_len=96), learner=LearnerConfig(lr=5e-4, micro_batch_size=16)),
+                resume=resume)
+    rm_info = json.loads((rm / "rayalign.json").read_text())
+    stage("reward_model")
+
+    summary = {
+        "preset": s["preset"], "parameters": params, "quick": quick, "seeds": list(seeds),
+        "eval_prompts": len(prompts), "samples_per_prompt": s["eval_samples"], "weights": world.weights,
+        "gold": {k: v.summary() for k, v in results.items()},
+        "win_rate": {f"{p.name} vs base": win_rate(results[p.name], results["base"]) for p in sft_paths}
+        | {f"soup vs {sft_paths[0].name}": win_rate(results["soup"], results[sft_paths[0].name])},
+        "reward_model": {"heldout_accuracy": rm_info["heldout_accuracy"], "heldout_pairs": rm_info["heldout_pairs"]},
+        "timings_s": timings, "wall_time_s": round(time.time() - t0, 1),
+    }
+    atomic_write_json(out / "results.json", summary)
+    atomic_write_text(out / "report.md", render_report(summary))
+    log.info("demo finished in %.0fs; report: %s", summary["wall_time_s"], out / "report.md")
+    return summary
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    lines = [
+        "# rayalign demo report", "",
+        f"Preset `{summary['preset']}` ({summary['parameters']:,} parameters), SFT seeds {summary['seeds']}, "
+        f"{summary['eval_prompts']} held-out prompts x {summary['samples_per_prompt']} samples, "
+        f"combined = weights {summary['weights']} over {list(OBJECTIVES)}.", "",
+        "## Gold rewards (mean ± standard error over prompts)", "",
+        "| model | " + " | ".join(OBJECTIVES) + " | combined | mean words |",
+        "|---" * (len(OBJECTIVES) + 3) + "|",
+    ]
+    for name, g in summary["gold"].items():
+        cells = [f"{g[o]:.3f} ± {g[o + '_se']:.3f}" for o in OBJECTIVES + ("combined",)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {g['mean_words']:.1f} |")
+    lines += ["", "## Gold win rates", ""] + [f"- {k}: {v:.1%}" for k, v in summary["win_rate"].items()]
+    acc = summary["reward_model"]["heldout_accuracy"]
+    lines += ["", "## Reward model", "",
+              f"Held-out pair accuracy: {acc['all']:.1%} on {summary['reward_model']['heldout_pairs']} pairs "
+              "from held-out prompts.", "",
+              "## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in summary["timings_s"].items()]
+    lines.append(f"- total: {summary['wall_time_s']:.0f} s")
+    return "\n".join(lines) + "\n"
+

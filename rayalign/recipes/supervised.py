@@ -1,0 +1,240 @@
+"""Pre-training, SFT and reward-model recipes: each a readable function over the learner.
+
+    rayalign pretrain model=presets/small output=runs/base
+    rayalign sft base=runs/base output=runs/sft seeds=[0,1]
+    rayalign rm base=runs/sft/sft-0 output=runs/rm
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayalign.config.core import dump_config
+from rayalign.config.schema import DataConfig, PretrainConfig, RMConfig, SFTConfig, WorldConfig
+from rayalign.data.loaders import load_rows
+from rayalign.data.tokenize import collate_lm, collate_pairs, encode_conversation, encode_sft
+from rayalign.learner.dist import barrier, is_rank0
+from rayalign.learner.engine import Learner
+from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_objective
+from rayalign.losses.sft import causal_lm_loss
+from rayalign.models.checkpoint import load_causal_lm, load_reward_model
+from rayalign.recipes.loop import fit, plan_steps, world
+from rayalign.utils.io import OutputExistsError, atomic_write_text
+from rayalign.utils.logging import RunLogger, log
+from rayalign.world import build
+from rayalign.world.gold import OBJECTIVES
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _claim_output(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished output unless resuming (then it is kept as it is)."""
+    if out.exists() and not resume:
+        raise OutputExistsError(f"output already exists: {out} (pass --resume to continue that run, or choose another output)")
+
+
+def _lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return causal_lm_loss(logits, batch["labels"]), {}
+
+
+# ---- pre-training ---------------------------------------------------------------------------
+
+def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+    out = Path(cfg.output)
+    _claim_output(out, resume)
+    if (out / "model").is_dir():
+        log.info("pretrain: %s already finished; kept", out / "model")
+        return out / "model"
+    seed_everything(cfg.learner.seed)
+    model, tok = load_causal_lm(cfg.model)
+    texts = list(build.pretrain_corpus(cfg.world.pretrain_docs, cfg.world.seed)["text"])
+    examples = []
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        ids = ([tok.bos_token_id] + ids + [tok.eos_token_id])[: cfg.max_seq_len]
+        examples.append({"input_ids": ids, "labels": ids})
+    _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
+    learner = Learner(model, cfg.learner, total)
+    logger = RunLogger(out / "logs", "pretrain/", enabled=is_rank0())
+    _write_config(out, cfg)
+    m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs,
+            cfg.learner.seed, logger, "pretrain", state_dir=out / "state", save_every=cfg.save_every)
+    learner.save_pretrained(out / "model", tok, extra={"stage": "pretrain", "final_loss": m.get("loss")})
+    logger.close()
+    _drop_state(out / "state")
+    return out / "model"
+
+
+# ---- SFT --------------------------------------------------------------------------------------
+
+def sft_rows(data: DataConfig, world_cfg: WorldConfig, split: str | None = None) -> Any:
+    if data.source == "world":
+        prompts = build.split_prompts(world_cfg.seed)[split or data.split]
+        ds = build.sft_dataset(prompts, world_cfg.sft_per_prompt, world_cfg.seed)
+        return ds.select(range(min(data.limit, len(ds)))) if data.limit else ds
+    return load_rows(data.source, "sft", split=split or data.split, limit=data.limit)
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
+    """Train one SFT model per seed from the same base: OUTPUT/sft-SEED. Seeds change the data
+    order (and any sampling), so the models are independent runs in one basin."""
+    out = Path(cfg.output)
+    _claim_output(out, resume)
+    rows = sft_rows(cfg.data, cfg.world)
+    _write_config(out, cfg)
+    paths = []
+    for s in cfg.seeds:
+        target = out / f"sft-{s}"
+        paths.append(target)
+        if target.is_dir():
+            log.info("sft: seed %d already finished (%s); kept", s, target)
+            continue
+        seed_everything(s)
+        model, tok = load_causal_lm(cfg.base)
+        examples = [encode_sft(tok, r["messages"], cfg.data.max_seq_len) for r in rows]
+        examples = [e for e in examples if any(lbl != -100 for lbl in e["labels"])]
+        _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
+        learner = Learner(model, cfg.learner.model_copy(update={"seed": s}), total)
+        logger = RunLogger(out / "logs" / f"sft-{s}", "sft/", enabled=is_rank0())
+        m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs, s,
+                logger, f"sft seed {s}", state_dir=out / "state" / f"sft-{s}", save_every=cfg.save_every)
+        learner.save_pretrained(target, tok, extra={"stage": "sft", "seed": s, "base": str(cfg.base),
+                                                    "final_loss": m.get("loss")})
+        logger.close()
+        _drop_state(out / "state" / f"sft-{s}")
+        del learner
+    return paths
+
+
+# ---- reward model --------------------------------------------------------------------------
+
+def preference_rows(data: DataConfig, world_cfg: WorldConfig, objectives: str, split: str) -> Any:
+    """World pairs: 'combined' labels on world.weights; 'each' stacks one-hot sets with an
+    `objective` column. Real data: one objective."""
+    if data.source != "world":
+        if objectives == "each":
+            raise ValueError("rm.objectives 'each' needs per-objective labels; real preference data has one "
+                             "(use objectives: combined)")
+        return load_rows(data.source, "preference", split=split, limit=data.limit)
+    from datasets import concatenate_datasets
+
+    prompts = build.split_prompts(world_cfg.seed)[split]
+    seed = world_cfg.seed + (0 if split == "train" else 1000)
+    if objectives == "combined":
+        ds = build.preference_dataset(prompts, world_cfg.weights, world_cfg.pairs_per_prompt, world_cfg.noise, seed)
+    else:
+        parts = []
+        for k in range(len(OBJECTIVES)):
+            onehot = [1.0 if j == k else 0.0 for j in range(len(OBJECTIVES))]
+            part = build.preference_dataset(prompts, onehot, world_cfg.pairs_per_prompt, world_cfg.noise, seed + k)
+            parts.append(part.add_column("objective", [k] * len(part)))
+        ds = concatenate_datasets(parts).shuffle(seed=seed)
+    return ds.select(range(min(data.limit, len(ds)))) if data.limit else ds
+
+
+def _encode_pairs(tok: Any, rows: Any, max_len: int) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        e = {"chosen_ids": encode_conversation(tok, r["chosen"], max_len)["input_ids"],
+             "rejected_ids": encode_conversation(tok, r["rejected"], max_len)["input_ids"]}
+        if r.get("objective") is not None:
+            e["objective"] = r["objective"]
+        out.append(e)
+    return out
+
+
+def _rm_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    r = select_objective(r, torch.cat([batch["objective"]] * 2) if "objective" in batch else None)
+    n = r.size(0) // 2
+    return r[:n], r[n:]
+
+
+def _rm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    rc, rr = _rm_scores(model, batch)
+    return bradley_terry_loss(rc, rr), {"accuracy": pair_accuracy(rc, rr), "margin": float((rc - rr).detach().mean())}
+
+
+@torch.no_grad()
+def rm_accuracy(model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    """Held-out pair accuracy, overall and per objective when pairs carry one."""
+    model.eval()
+    hits: dict[str, list[float]] = {"all": []}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        batch = collate_pairs(chunk, pad_id)
+        rc, rr = _rm_scores(model, batch)
+        ok = (rc > rr).float().tolist()
+        hits["all"] += ok
+        for e, o in zip(chunk, ok):
+            if "objective" in e:
+                hits.setdefault(OBJECTIVES[e["objective"]], []).append(o)
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
+    out = Path(cfg.output)
+    _claim_output(out, resume)
+    if (out / "model").is_dir():
+        log.info("rm: %s already finished; kept", out / "model")
+        return out / "model"
+    seed_everything(cfg.learner.seed)
+    n_heads = 1 if cfg.objectives == "combined" else len(OBJECTIVES)
+    model, tok = load_reward_model(cfg.base, num_labels=n_heads)
+    if cfg.data.source == "world":
+        train_rows = preference_rows(cfg.data, cfg.world, cfg.objectives, "train")
+        eval_rows = preference_rows(cfg.data, cfg.world, cfg.objectives, "test")
+    else:
+        split = preference_rows(cfg.data, cfg.world, cfg.objectives, cfg.data.split).train_test_split(
+            test_size=cfg.eval_fraction, seed=cfg.learner.seed)
+        train_rows, eval_rows = split["train"], split["test"]
+    train = _encode_pairs(tok, train_rows, cfg.data.max_seq_len)
+    held = _encode_pairs(tok, eval_rows, cfg.data.max_seq_len)
+    _, total = plan_steps(len(train), cfg.learner, cfg.epochs, _world_size())
+    learner = Learner(model, cfg.learner, total)
+    logger = RunLogger(out / "logs", "rm/", enabled=is_rank0())
+    _write_config(out, cfg)
+    fit(learner, train, partial(collate_pairs, pad_id=tok.pad_token_id), _rm_loss, cfg.epochs, cfg.learner.seed,
+        logger, "reward model", state_dir=out / "state", save_every=cfg.save_every)
+    acc = rm_accuracy(learner.module, held, tok.pad_token_id)
+    logger.log(learner.global_step, {f"heldout_accuracy/{k}": v for k, v in acc.items()})
+    log.info("reward model held-out pair accuracy: %s (%d pairs)", {k: round(v, 3) for k, v in acc.items()}, len(held))
+    objectives = ["combined"] if n_heads == 1 else list(OBJECTIVES)
+    learner.save_pretrained(out / "model", tok, extra={
+        "stage": "reward_model", "objectives": objectives, "weights": cfg.world.weights,
+        "heldout_accuracy": acc, "heldout_pairs": len(held)})
+    logger.close()
+    _drop_state(out / "state")
+    if is_rank0():
+        atomic_write_text(out / "heldout_accuracy.json", json.dumps(acc, indent=2) + "\n")
+    return out / "model"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _world_size() -> int:
+    return world()[1]
+
+
+def _write_config(out: Path, cfg: Any) -> None:
+    if is_rank0():
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+
+
+def _drop_state(state: Path) -> None:
+    """Training state is only needed until the final model is written."""
+    barrier()
+    if is_rank0():
+        shutil.rmtree(state, ignore_errors=True)

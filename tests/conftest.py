@@ -1,0 +1,46 @@
+"""Shared, expensive fixtures are session-scoped: the quick demo is run once through the real
+CLI, and its tokenizer, base, SFT seeds, soup and reward model serve every later test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run `rayalign ARGS` in a fresh interpreter, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "rayalign.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rayalign {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quick demo, run once: OUT/presets/tiny, OUT/base/model, OUT/sft/sft-{0,1}, OUT/soup, OUT/rm/model."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    run_cli("demo", "--quick", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_and_preset(tmp_path_factory: pytest.TempPathFactory):
+    """A freshly built tiny preset (random init) and its tokenizer, in-process."""
+    from rayalign.models.presets import build_preset, train_tokenizer
+
+    tok = train_tokenizer(0)
+    path = build_preset("tiny", tmp_path_factory.mktemp("preset") / "tiny", tok)
+    return tok, path
