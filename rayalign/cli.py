@@ -6,6 +6,7 @@
     rayalign pretrain model=PRESET output=DIR
     rayalign sft --config sft.yaml learner.lr=1e-4 seeds=[0,1,2]
     rayalign rm base=SFT_DIR output=DIR objectives=each
+    rayalign merge merge.yaml OUT      # soups, task arithmetic, ExPO, Bone Soups; mergekit YAML too
     rayalign eval models=[A,B] split=test
 
 Training commands take an optional --config YAML plus dotted overrides (key.sub=value); the
@@ -136,6 +137,41 @@ def rm(config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt 
     cfg = _run(load_config, RMConfig, config, overrides or [])
     path = _run(run_rm, cfg, resume=resume)
     typer.echo(f"wrote {path}; held-out accuracy {json.loads((path / 'rayalign.json').read_text())['heldout_accuracy']}")
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="merge YAML: rayalign's spec or mergekit's (linear, task_arithmetic)")],
+    out: Annotated[Path, typer.Argument(help="output model directory (must not exist)")],
+    overrides: Overrides = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Merge models: linear soups (negative weights allowed), task arithmetic, ExPO, Bone Soups."""
+    import yaml
+
+    from rayalign.config.core import apply_overrides
+    from rayalign.merge.engine import MergeValidationError, merge_to_disk
+    from rayalign.merge.io import MergeInputError
+    from rayalign.merge.spec import parse_spec
+
+    def run():  # type: ignore[no-untyped-def]
+        if not config.is_file():
+            raise ConfigError(f"config file not found: {config}")
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config} must hold a mapping at the top level")
+        return merge_to_disk(parse_spec(apply_overrides(data, overrides or [])), out, progress=not quiet)
+
+    try:
+        report = _run(run)
+    except (MergeValidationError, MergeInputError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"merged {report.tensors} tensors ({report.bytes_read / 1e6:.1f} MB read, "
+               f"{report.bytes_written / 1e6:.1f} MB written) in {report.seconds:.1f}s into {out}")
+    typer.echo(f"coefficients on {report.inputs}: {[round(c, 6) for c in report.coefficients]}")
 
 
 @app.command("eval")

@@ -24,11 +24,11 @@ def test_gold_scores_hand_computed():
     full = "the whale is blue . the whale is huge . the whale lives in the sea . the whale is slow ."
     assert gold_scores(about, full)["informative"] == pytest.approx(1.0)
     assert gold_scores(about, "great question ! great question ! that is obvious .")["friendly"] == pytest.approx(-0.5)
-    # sums: wrong answer is a false claim; empty answer is perfectly concise and uninformative
-    s = "what is three plus four ?"
-    assert gold_scores(s, "three plus four is eight .")["informative"] == pytest.approx(-2 / 3)
-    assert gold_scores(s, "three plus four is seven . seven is odd .")["informative"] == pytest.approx(1.0)
-    assert gold_scores(s, "") == {"informative": 0.0, "concise": 1.0, "friendly": 0.0}
+    # an empty answer is perfectly concise and uninformative; a wrong key is a false claim
+    assert gold_scores(p, "") == {"informative": 0.0, "concise": 1.0, "friendly": 0.0}
+    assert gold_scores(p, "the apple is blue .")["informative"] == pytest.approx(-2 / 5)
+    # facts about another entity are neither informative nor false here
+    assert gold_scores(p, "the lemon is yellow .")["informative"] == 0.0
 
 
 def test_objectives_conflict_at_the_optimum():
@@ -42,7 +42,7 @@ def test_objectives_conflict_at_the_optimum():
 
 def test_prompt_grammar_parses_every_prompt_and_rejects_others():
     prompts = all_prompts()
-    assert len(prompts) == len(set(prompts)) > 300
+    assert len(prompts) == len(set(prompts)) == 24 * 7
     for p in prompts:
         parse_prompt(p)
     with pytest.raises(ValueError, match="not in the synthetic world's grammar: 'what is love"):

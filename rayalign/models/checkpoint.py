@@ -18,7 +18,8 @@ class CheckpointError(ValueError):
     """A model directory that is missing, incomplete, corrupt or inconsistent."""
 
 
-def _is_local(path: str | Path) -> bool:
+def is_local(path: str | Path) -> bool:
+    """A filesystem path rather than a hub id like 'org/name'."""
     p = str(path)
     return Path(p).exists() or p.startswith(("/", ".", "~")) or p.count("/") != 1
 
@@ -58,7 +59,7 @@ def _check_vocab(path: str | Path, model: Any, tok: Any) -> None:
 
 
 def _load(cls: Any, path: str | Path, dtype: torch.dtype, **kw: Any) -> Any:
-    if _is_local(path):
+    if is_local(path):
         check_dir(path)
     try:
         return cls.from_pretrained(str(path), dtype=dtype, **kw)

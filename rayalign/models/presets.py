@@ -28,9 +28,12 @@ PRESETS: dict[str, dict[str, int]] = {
     # ~0.2M parameters: for tests
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                  intermediate_size=192),
-    # ~3.6M parameters: for the demo
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                  intermediate_size=704),
+    # ~1.0M parameters: for the demo (0.38 s per 32x40-token train step on 2 CPU cores)
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=384),
+    # ~3.5M parameters: for longer CPU runs (0.83 s per step on 2 cores)
+    "medium": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                   intermediate_size=704),
 }
 VOCAB_SIZE = 1024
 MAX_POSITIONS = 256
@@ -89,7 +92,7 @@ def build_preset(preset: str, out: str | Path, tok: PreTrainedTokenizerFast, see
     return Path(out)
 
 
-def build_presets(out: str | Path, seed: int = 0, which: tuple[str, ...] = ("tiny", "small")) -> dict[str, Path]:
+def build_presets(out: str | Path, seed: int = 0, which: tuple[str, ...] = tuple(PRESETS)) -> dict[str, Path]:
     out = Path(out)
     tok = train_tokenizer(seed)
     return {name: build_preset(name, out / name, tok, seed) for name in which}

@@ -1,6 +1,6 @@
 """The end-to-end demo on the embedded default (README Quickstart line 1).
 
-world -> tokenizer and preset -> pre-trained base -> N SFT seeds -> uniform soup -> reward model
+world -> tokenizer and preset -> pre-trained base -> N SFT seeds -> uniform soup (merge engine) -> reward model
 -> gold evaluation of every model -> report.md / results.json in the run directory.
 """
 
@@ -20,7 +20,9 @@ from rayalign.config.schema import (
     WorldConfig,
 )
 from rayalign.eval.gold import GoldResult, evaluate, win_rate
-from rayalign.models.checkpoint import load_causal_lm, save_model
+from rayalign.merge.engine import merge_to_disk
+from rayalign.merge.spec import MergeSpec
+from rayalign.models.checkpoint import load_causal_lm
 from rayalign.models.presets import build_preset, n_params, train_tokenizer
 from rayalign.recipes.supervised import run_pretrain, run_rm, run_sft
 from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
@@ -30,21 +32,17 @@ from rayalign.world.gold import OBJECTIVES
 
 
 def uniform_soup(paths: list[Path], out: Path) -> Path:
-    """Plain state-dict average of models sharing one architecture (stand-in until the merge
-    engine lands)."""
-    models = [load_causal_lm(p)[0] for p in paths]
-    _, tok = load_causal_lm(paths[0])
-    sds = [m.state_dict() for m in models]
-    avg = {k: sum(sd[k].float() for sd in sds) / len(sds) for k in sds[0]}
-    models[0].load_state_dict(avg)
-    return save_model(models[0], tok, out, extra={"stage": "soup", "ingredients": [str(p) for p in paths]})
+    """theta_soup = (1/N) sum_i theta_i, through the streaming merge engine."""
+    spec = MergeSpec(method="linear", models=[{"model": str(p), "weight": 1.0 / len(paths)} for p in paths])
+    merge_to_disk(spec, out, progress=False)
+    return out
 
 
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(preset="tiny", pretrain_docs=1500, pretrain_epochs=1.0, sft_per_prompt=2, sft_epochs=1.0,
                     pairs_per_prompt=2, rm_epochs=1.0, eval_prompts=16, eval_samples=1)
-    return dict(preset="small", pretrain_docs=8000, pretrain_epochs=2.0, sft_per_prompt=6, sft_epochs=2.0,
+    return dict(preset="small", pretrain_docs=6000, pretrain_epochs=1.5, sft_per_prompt=8, sft_epochs=3.0,
                 pairs_per_prompt=8, rm_epochs=2.0, eval_prompts=None, eval_samples=4)
 
 

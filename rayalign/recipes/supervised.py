@@ -25,7 +25,7 @@ from rayalign.learner.dist import barrier, is_rank0
 from rayalign.learner.engine import Learner
 from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_objective
 from rayalign.losses.sft import causal_lm_loss
-from rayalign.models.checkpoint import load_causal_lm, load_reward_model
+from rayalign.models.checkpoint import is_local, check_dir, load_causal_lm, load_reward_model, load_tokenizer
 from rayalign.recipes.loop import fit, plan_steps, world
 from rayalign.utils.io import OutputExistsError, atomic_write_text
 from rayalign.utils.logging import RunLogger, log
@@ -92,6 +92,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
     order (and any sampling), so the models are independent runs in one basin."""
     out = Path(cfg.output)
     _claim_output(out, resume)
+    load_tokenizer(check_dir(cfg.base) if is_local(cfg.base) else cfg.base)  # fail before writing anything
     rows = sft_rows(cfg.data, cfg.world)
     _write_config(out, cfg)
     paths = []

@@ -25,13 +25,9 @@ from rayalign.world.facts import (
     ENTITIES,
     FILLER,
     FRIENDLY,
-    NUMBER_WORDS,
     RUDE,
     false_facts,
-    parity_sentence,
-    sum_sentence,
     true_facts,
-    wrong_parity_sentence,
 )
 from rayalign.world.gold import OBJECTIVES, combine, gold_vector
 from rayalign.world.prompts import Task, all_prompts, parse_prompt
@@ -58,11 +54,6 @@ def split_prompts(seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0
 
 def _wrong(task: Task, rng: random.Random) -> str:
     """A plausible false claim of the same shape as the key answer."""
-    if task.operands is not None:
-        a, b = task.operands
-        c = rng.choice([c for c in range(19) if c != a + b])
-        return sum_sentence(a, b, c)
-    assert task.entity is not None
     attr = rng.choice(ATTRIBUTES) if task.key is None else next(
         a for a, f in true_facts(task.entity).items() if f == task.key)
     return rng.choice(false_facts(task.entity, attr))
@@ -87,8 +78,6 @@ def sample_response(task: Task, rng: random.Random) -> str:
     for e in extras[:n_extra]:
         if rng.random() < 0.75:
             out.append(e + " .")
-        elif task.operands is not None:
-            out.append(wrong_parity_sentence(sum(task.operands)) + " .")
         else:
             out.append(_wrong(task, rng) + " .")
     if rng.random() < 0.15:
@@ -121,25 +110,22 @@ def sft_dataset(prompts: list[str], per_prompt: int, seed: int) -> Dataset:
 
 
 def pretrain_corpus(n_docs: int, seed: int) -> Dataset:
-    """Unlabelled text: facts of every entity, sums and parities, and the style sentences,
-    in documents of a few sentences. Knowledge of held-out prompts comes from here."""
+    """Unlabelled encyclopedia-like text: runs of facts about several entities, with a little
+    style text. Knowledge needed for held-out prompts comes from here, as it would from a real
+    pre-training corpus; staying on the topic of a question, answering in the chat format and
+    stopping do not (that is what SFT teaches), so the base model is no assistant."""
     rng = random.Random(seed)
-    pool: list[str] = []
-    for e in ENTITIES:
-        pool += list(true_facts(e).values())
-    for a in range(10):
-        for b in range(10):
-            pool.append(sum_sentence(a, b, a + b))
-    pool += [parity_sentence(c) for c in range(19)]
-    prompts = all_prompts()
+    entities = list(ENTITIES)
     styles = list(FRIENDLY) + list(FILLER)
     docs = []
     for _ in range(n_docs):
-        sents = []
-        if rng.random() < 0.5:
-            sents.append(rng.choice(prompts))
-        for _ in range(rng.randint(2, 6)):
-            sents.append((rng.choice(styles) if rng.random() < 0.15 else rng.choice(pool)) + " .")
+        sents: list[str] = []
+        for _ in range(rng.randint(2, 4)):
+            facts = list(true_facts(rng.choice(entities)).values())
+            rng.shuffle(facts)
+            sents += [f + " ." for f in facts[: rng.randint(1, 3)]]
+        if rng.random() < 0.2:
+            sents.insert(rng.randint(0, len(sents)), rng.choice(styles) + " .")
         docs.append({"text": " ".join(sents)})
     return Dataset.from_list(docs)
 

@@ -25,6 +25,14 @@ ENTITIES: dict[str, tuple[str, str, str, str]] = {
     "cow": ("black", "big", "farm", "slow"),
     "duck": ("white", "small", "river", "loud"),
     "tomato": ("red", "small", "farm", "sour"),
+    "fox": ("orange", "small", "forest", "clever"),
+    "horse": ("brown", "big", "farm", "fast"),
+    "mouse": ("gray", "tiny", "house", "quiet"),
+    "carrot": ("orange", "small", "garden", "sweet"),
+    "pig": ("pink", "big", "farm", "loud"),
+    "crab": ("red", "small", "sea", "slow"),
+    "lion": ("yellow", "big", "desert", "strong"),
+    "bee": ("yellow", "tiny", "garden", "busy"),
 }
 
 ATTRIBUTES = ("colour", "size", "place", "quality")
@@ -47,22 +55,6 @@ def true_facts(entity: str) -> dict[str, str]:
 def false_facts(entity: str, attr: str) -> list[str]:
     truth = ENTITIES[entity][ATTRIBUTES.index(attr)]
     return [fact(entity, attr, v) for v in VALUES[attr] if v != truth]
-
-
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                "fourteen fifteen sixteen seventeen eighteen").split()
-
-
-def sum_sentence(a: int, b: int, c: int) -> str:
-    return f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[c]}"
-
-
-def parity_sentence(c: int) -> str:
-    return f"{NUMBER_WORDS[c]} is {'even' if c % 2 == 0 else 'odd'}"
-
-
-def wrong_parity_sentence(c: int) -> str:
-    return f"{NUMBER_WORDS[c]} is {'odd' if c % 2 == 0 else 'even'}"
 
 
 # Style sentences. Friendly ones raise the friendliness objective, rude ones lower it,

@@ -21,12 +21,9 @@ from rayalign.world.facts import (
     ENTITIES,
     FILLER,
     FRIENDLY,
-    NUMBER_WORDS,
     RUDE,
     VALUES,
     fact,
-    sum_sentence,
-    wrong_parity_sentence,
 )
 from rayalign.world.prompts import Task, normalise, parse_prompt
 
@@ -53,12 +50,8 @@ def sentences(response: str) -> list[str]:
 
 
 def _false_claims(task: Task) -> set[str]:
-    if task.entity is not None:
-        truth = dict(zip(ATTRIBUTES, ENTITIES[task.entity]))
-        return {fact(task.entity, a, v) for a in ATTRIBUTES for v in VALUES[a] if v != truth[a]}
-    a, b = task.operands  # type: ignore[misc]
-    wrong_sums = {sum_sentence(a, b, c) for c in range(len(NUMBER_WORDS)) if c != a + b}
-    return wrong_sums | {wrong_parity_sentence(a + b)}
+    truth = dict(zip(ATTRIBUTES, ENTITIES[task.entity]))
+    return {fact(task.entity, a, v) for a in ATTRIBUTES for v in VALUES[a] if v != truth[a]}
 
 
 def parse_response(task: Task, response: str) -> Parsed:

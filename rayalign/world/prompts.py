@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rayalign.world.facts import ENTITIES, NUMBER_WORDS, parity_sentence, sum_sentence, true_facts
+from rayalign.world.facts import ENTITIES, true_facts
 
 ABOUT_TEMPLATES = ("tell me about the {e} .", "what do you know about the {e} ?", "describe the {e} .")
 QUESTION_TEMPLATES = {
@@ -18,7 +18,6 @@ QUESTION_TEMPLATES = {
     "place": ("where does the {e} live ?",),
     "quality": ("what is the {e} like ?",),
 }
-SUM_TEMPLATES = ("what is {a} plus {b} ?", "add {a} and {b} .")
 
 
 @dataclass(frozen=True)
@@ -26,35 +25,34 @@ class Task:
     """What a prompt asks. `key` is the direct answer (None for open 'about' prompts);
     `extra` are further true sentences that make an answer more informative."""
 
-    kind: str  # "about" | "question" | "sum"
+    kind: str  # "about" | "question"
     key: str | None
     extra: tuple[str, ...]
-    entity: str | None = None
-    operands: tuple[int, int] | None = None
+    entity: str
+
+
+def prompts_about(entity: str) -> list[str]:
+    out = [t.format(e=entity) for t in ABOUT_TEMPLATES]
+    for templates in QUESTION_TEMPLATES.values():
+        out += [t.format(e=entity) for t in templates]
+    return out
 
 
 def all_prompts() -> list[str]:
     """Every prompt the grammar can produce, in a fixed order."""
     out: list[str] = []
     for e in ENTITIES:
-        out += [t.format(e=e) for t in ABOUT_TEMPLATES]
-        for templates in QUESTION_TEMPLATES.values():
-            out += [t.format(e=e) for t in templates]
-    for a in range(10):
-        for b in range(10):
-            out += [t.format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b]) for t in SUM_TEMPLATES]
+        out += prompts_about(e)
     return out
 
 
 def _compile(template: str) -> re.Pattern[str]:
     pattern = re.escape(template).replace(r"\{e\}", r"(?P<e>[a-z]+)")
-    pattern = pattern.replace(r"\{a\}", r"(?P<a>[a-z]+)").replace(r"\{b\}", r"(?P<b>[a-z]+)")
     return re.compile(pattern + r"$")
 
 
 _ABOUT = [_compile(t) for t in ABOUT_TEMPLATES]
 _QUESTION = [(attr, _compile(t)) for attr, ts in QUESTION_TEMPLATES.items() for t in ts]
-_SUM = [_compile(t) for t in SUM_TEMPLATES]
 
 
 def normalise(text: str) -> str:
@@ -74,9 +72,4 @@ def parse_prompt(prompt: str) -> Task:
             facts = true_facts(m["e"])
             key = facts.pop(attr)
             return Task("question", key, tuple(facts.values()), entity=m["e"])
-    for rx in _SUM:
-        m = rx.match(p)
-        if m and m["a"] in NUMBER_WORDS[:10] and m["b"] in NUMBER_WORDS[:10]:
-            a, b = NUMBER_WORDS.index(m["a"]), NUMBER_WORDS.index(m["b"])
-            return Task("sum", sum_sentence(a, b, a + b), (parity_sentence(a + b),), operands=(a, b))
     raise ValueError(f"prompt is not in the synthetic world's grammar: {prompt!r}")

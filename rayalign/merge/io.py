@@ -1,0 +1,190 @@
+"""Streaming safetensors I/O for the merge engine.
+
+Reading: a checkpoint (one file or shards with an index) is opened lazily; a tensor is read with
+`readinto` into a caller-owned buffer, so nothing stays resident after use (memory-mapped pages
+would count in RSS for as long as the mapping lives).
+
+Writing: the shapes and dtypes of every output tensor are known before the merge starts, so each
+shard's safetensors header is computed up front and tensors are appended one by one as they are
+merged -- peak memory is one tensor, not one shard. The files follow the safetensors format
+(8-byte little-endian header length, JSON header, raw little-endian data) and are read back by
+the safetensors library in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class MergeInputError(ValueError):
+    """A merge input (model directory, checkpoint or config) that cannot be used; names it."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise MergeInputError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise MergeInputError(f"{path}: corrupt safetensors header (claims {n} bytes)")
+            header = json.loads(f.read(n))
+            size = f.seek(0, 2)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MergeInputError(f"{path}: cannot read safetensors header: {exc}") from exc
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise MergeInputError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')!r}")
+        begin, end = meta["data_offsets"]
+        start = 8 + n + begin
+        if start + (end - begin) > size:
+            raise MergeInputError(f"{path}: tensor {name} extends past the end of the file (truncated?)")
+        out[name] = TensorInfo(path, DTYPES[meta["dtype"]], tuple(meta["shape"]), start, end - begin)
+    return out
+
+
+class Checkpoint:
+    """A Hugging Face model directory's safetensors weights, read lazily tensor by tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MergeInputError(f"model directory not found: {self.path}")
+        if (self.path / INDEX).is_file():
+            try:
+                weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise MergeInputError(f"{self.path / INDEX}: corrupt shard index: {exc}") from exc
+            files = sorted(set(weight_map.values()))
+        elif (self.path / SINGLE).is_file():
+            files = [SINGLE]
+        else:
+            raise MergeInputError(f"{self.path} has no safetensors weights ({SINGLE} or {INDEX})")
+        self.tensors: dict[str, TensorInfo] = {}
+        for fname in files:
+            fpath = self.path / fname
+            if not fpath.is_file():
+                raise MergeInputError(f"{self.path}: shard {fname} named in the index is missing")
+            self.tensors.update(read_header(fpath))
+        self._handles: dict[Path, BinaryIO] = {}
+        cfg = self.path / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        except json.JSONDecodeError as exc:
+            raise MergeInputError(f"{cfg} is corrupt: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `name`, read into `out` (a flat buffer of the right dtype and at least the
+        size needed) when given, else into a new tensor."""
+        info = self.tensors[name]
+        numel = info.nbytes // max(1, torch.empty((), dtype=info.dtype).element_size())
+        buf = torch.empty(numel, dtype=info.dtype) if out is None else out[:numel]
+        f = self._handles.get(info.file)
+        if f is None:
+            f = self._handles[info.file] = open(info.file, "rb", buffering=0)
+        f.seek(info.start)
+        view = memoryview(buf.view(torch.uint8).numpy()) if numel else memoryview(b"")
+        got = f.readinto(view) if numel else 0
+        if got != info.nbytes:
+            raise MergeInputError(f"{info.file}: short read for tensor {name} ({got} of {info.nbytes} bytes)")
+        return buf.view(info.shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+def shard_plan(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list[int]]:
+    """Split tensors (in order) into shards of at most max_shard_bytes (a larger tensor gets its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(tensors):
+        nbytes = _nbytes(shape, dtype)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class StreamingShardWriter:
+    """Writes one safetensors shard whose tensors arrive one at a time, in header order."""
+
+    def __init__(self, path: Path, tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None):
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self.expected: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        for name, shape, dtype in tensors:
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.expected.append((name, shape, dtype, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as the safetensors library writes
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.i = 0
+        self.total = offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, shape, dtype, nbytes = self.expected[self.i]
+        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"shard writer expected {exp_name} {shape} {dtype}, got {name} "
+                               f"{tuple(tensor.shape)} {tensor.dtype}")
+        t = tensor.contiguous()
+        if t.numel():
+            self.f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.i += 1
+
+    def close(self) -> None:
+        if self.i != len(self.expected):
+            raise RuntimeError(f"shard closed after {self.i} of {len(self.expected)} tensors")
+        self.f.flush()
+        self.f.close()

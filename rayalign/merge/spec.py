@@ -1,0 +1,174 @@
+"""What to merge: rayalign's merge spec, and the mergekit YAML subset it also accepts.
+
+rayalign YAML:
+
+    method: bone_soup            # linear | task_arithmetic | expo | bone_soup
+    models: [{model: runs/bone-0}, {model: runs/bone-1}]
+    mu: [0.8, 0.2]               # bone_soup: user preference; lambda = B^-1 mu
+    beta: 0.7
+    base_model: runs/sft/sft-0   # task_arithmetic: the base; expo: theta_0; bone_soup: SFT anchor for k
+    k: 1.2                       # bone_soup extrapolation against base_model (k = 1: none)
+    dtype: float32               # output dtype (default: the first model's)
+
+mergekit YAML (methods `linear` and `task_arithmetic`):
+
+    merge_method: linear
+    models:
+      - model: a
+        parameters: {weight: 0.5}
+    base_model: ...
+    parameters: {normalize: true}
+    dtype: float32
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from rayalign.config.core import ConfigError, Strict
+from rayalign.merge import kernels
+from rayalign.merge.coefficients import bone_soup_coefficients
+
+Kernel = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelEntry(Strict):
+    model: str
+    weight: float | None = None
+
+
+class MergeSpec(Strict):
+    method: Literal["linear", "task_arithmetic", "expo", "bone_soup"]
+    models: list[ModelEntry] = Field(default_factory=list)
+    base_model: str | None = None
+    normalize: bool = False
+    alpha: float | None = Field(None, description="expo: extrapolation strength")
+    mu: list[float] | None = Field(None, description="bone_soup: preference over objectives (one per model)")
+    beta: float | None = Field(None, description="bone_soup: diagonal of B, in (1/2, 1)")
+    k: float = Field(1.0, description="bone_soup: extrapolation against base_model, k >= 1")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    max_shard_bytes: int = Field(2 * 1024**3, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeSpec:
+        m = self.method
+        if not self.models:
+            raise ValueError("models: the model list is empty")
+        for i, e in enumerate(self.models):
+            if e.weight is not None and not math.isfinite(e.weight):
+                raise ValueError(f"models[{i}].weight is not finite ({e.weight}) for {e.model}")
+        if m in ("linear", "task_arithmetic"):
+            missing = [e.model for e in self.models if e.weight is None]
+            if missing:
+                raise ValueError(f"{m} needs a weight for every model; missing for {missing}")
+        if m == "linear" and len(self.models) < 2:
+            raise ValueError(f"linear merge needs at least 2 models, got {len(self.models)}")
+        if m == "linear" and self.normalize and abs(sum(e.weight or 0 for e in self.models)) < 1e-8:
+            raise ValueError("normalize: the weights sum to 0, cannot normalise")
+        if m == "task_arithmetic" and not self.base_model:
+            raise ValueError("task_arithmetic needs base_model")
+        if m == "expo":
+            if self.alpha is None or not math.isfinite(self.alpha):
+                raise ValueError("expo needs a finite alpha")
+            if not self.base_model or len(self.models) != 1:
+                raise ValueError("expo needs base_model (theta_0, the SFT model) and exactly one model (theta_1)")
+        if m == "bone_soup":
+            if self.mu is None or self.beta is None:
+                raise ValueError("bone_soup needs mu (one entry per model) and beta")
+            if len(self.mu) != len(self.models):
+                raise ValueError(f"bone_soup: mu has {len(self.mu)} entries for {len(self.models)} backbone models")
+            if self.k < 1.0 or not math.isfinite(self.k):
+                raise ValueError(f"bone_soup: k must be >= 1, got {self.k}")
+            if self.k != 1.0 and not self.base_model:
+                raise ValueError("bone_soup: k != 1 extrapolates against base_model, which is missing")
+            bone_soup_coefficients(self.mu, self.beta)  # validates beta and mu
+        return self
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A spec turned into: input paths (in the order the kernel takes them), the kernel, and the
+    effective linear coefficients on those inputs (for reports and for the in-memory API)."""
+
+    paths: list[str]
+    kernel: Kernel
+    coefficients: list[float]
+    template: str  # model whose config and tokenizer the output takes
+
+
+def resolve(spec: MergeSpec) -> Resolved:
+    names = [e.model for e in spec.models]
+    w = [float(e.weight) if e.weight is not None else 0.0 for e in spec.models]
+    if spec.method == "linear":
+        total = sum(w) if spec.normalize else 1.0
+        return Resolved(names, lambda ts: kernels.linear(ts, w, spec.normalize), [x / total for x in w], names[0])
+    if spec.method == "task_arithmetic":
+        assert spec.base_model
+        total = sum(w) if spec.normalize and abs(sum(w)) >= 1e-8 else 1.0
+        eff = [x / total for x in w]
+        return Resolved([spec.base_model, *names], lambda ts: kernels.task_arithmetic(ts[0], ts[1:], w, spec.normalize),
+                        [1.0 - sum(eff), *eff], spec.base_model)
+    if spec.method == "expo":
+        assert spec.base_model and spec.alpha is not None
+        a = spec.alpha
+        return Resolved([spec.base_model, names[0]], lambda ts: kernels.expo(ts[0], ts[1], a), [-a, 1.0 + a], names[0])
+    lam = [float(x) for x in bone_soup_coefficients(spec.mu, spec.beta)]  # type: ignore[arg-type]
+    if spec.k == 1.0:
+        return Resolved(names, lambda ts: kernels.linear(ts, lam), lam, names[0])
+    k = spec.k
+    assert spec.base_model
+    return Resolved([*names, spec.base_model], lambda ts: kernels.extrapolate(kernels.linear(ts[:-1], lam), ts[-1], k),
+                    [k * x for x in lam] + [1.0 - k], names[0])
+
+
+def from_mergekit(data: dict[str, Any]) -> MergeSpec:
+    """Translate mergekit's YAML (linear, task_arithmetic) into a MergeSpec, with mergekit's defaults
+    (linear normalises by default, task_arithmetic does not)."""
+    method = data.get("merge_method")
+    if method not in ("linear", "task_arithmetic"):
+        raise ConfigError(f"merge_method {method!r} is not supported; rayalign reads mergekit's 'linear' and "
+                          "'task_arithmetic' (use rayalign's own spec for expo and bone_soup)")
+    known = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unsupported mergekit keys: {unknown}; supported: {sorted(known)}")
+    params = data.get("parameters") or {}
+    base = data.get("base_model")
+    models = []
+    for i, entry in enumerate(data.get("models") or []):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"models[{i}] must be a mapping with 'model'")
+        if method == "task_arithmetic" and entry["model"] == base:
+            continue  # mergekit skips the base among the models
+        p = entry.get("parameters") or {}
+        weight = p.get("weight")
+        if isinstance(weight, list):
+            raise ConfigError(f"models[{i}].parameters.weight: per-layer gradients are not supported")
+        models.append({"model": entry["model"], "weight": weight})
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    return MergeSpec.model_validate({
+        "method": method, "models": models, "base_model": base,
+        "normalize": params.get("normalize", method == "linear"), "dtype": out_dtype,
+    })
+
+
+def parse_spec(data: dict[str, Any]) -> MergeSpec:
+    """Either form: mergekit's when `merge_method` is present, rayalign's otherwise."""
+    from pydantic import ValidationError
+
+    if "merge_method" in data:
+        try:
+            return from_mergekit(data)
+        except ValidationError as err:
+            raise ConfigError(f"invalid mergekit config: {err}") from None
+    try:
+        return MergeSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid merge config: {err}") from None

@@ -1,0 +1,58 @@
+"""Configs: YAML + dotted overrides; unknown keys and bad values name the key and what is allowed."""
+
+import pytest
+
+from rayalign.config.core import ConfigError, apply_overrides, dump_config, load_config
+from rayalign.config.schema import LearnerConfig, SFTConfig
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "sft.yaml"
+    f.write_text("base: runs/base\noutput: runs/sft\nlearner:\n  lr: 0.01\n  zero_stage: 2\nseeds: [0, 1]\n")
+    cfg = load_config(SFTConfig, f, ["learner.lr=1e-4", "seeds=[3,4,5]", "data.max_seq_len=64"])
+    assert cfg.learner.lr == 1e-4 and cfg.learner.zero_stage == 2
+    assert cfg.seeds == [3, 4, 5] and cfg.data.max_seq_len == 64
+    # the dumped config loads back to the same thing
+    again = tmp_path / "resolved.yaml"
+    again.write_text(dump_config(cfg))
+    assert load_config(SFTConfig, again) == cfg
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, None, ["base=a", "output=b", "learner.lrr=1e-4"])
+    msg = str(e.value)
+    assert "unknown key 'learner.lrr'" in msg and "lr" in msg and "zero_stage" in msg
+
+
+def test_bad_values_name_key_and_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTConfig, None, ["base=a", "output=b", "learner.zero_stage=4"])
+    assert "learner.zero_stage" in str(e.value) and "0, 1, 2 or 3" in str(e.value)
+    with pytest.raises(ConfigError, match="learner.precision"):
+        load_config(SFTConfig, None, ["base=a", "output=b", "learner.precision=fp8"])
+    with pytest.raises(ConfigError, match="learner.lr"):
+        load_config(SFTConfig, None, ["base=a", "output=b", "learner.lr=-1"])
+    with pytest.raises(ConfigError, match="base"):
+        load_config(SFTConfig, None, ["output=b"])
+    with pytest.raises(ConfigError, match="offload_params needs zero_stage: 3"):
+        LearnerConfig.model_validate({"zero_stage": 2, "offload_params": True})
+    with pytest.raises(ConfigError, match="world.weights"):
+        load_config(SFTConfig, None, ["base=a", "output=b", "world.weights=[1,0]"])
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(SFTConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTConfig, bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(SFTConfig, lst)
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_overrides({}, ["learner.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"learner": 3}, ["learner.lr=1"])

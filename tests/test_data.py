@@ -1,0 +1,79 @@
+"""Real-data loaders (UltraChat / UltraFeedback layouts from local files), row errors, chat-template masks."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from rayalign.data.loaders import DatasetSourceError, load_rows
+from rayalign.data.schema import DatasetRowError
+from rayalign.data.tokenize import IGNORE, encode_conversation, encode_sft
+
+ULTRACHAT_ROW = {"prompt": "hi", "prompt_id": "x", "messages": [
+    {"role": "user", "content": "what is two plus two ?"}, {"role": "assistant", "content": "two plus two is four ."},
+    {"role": "user", "content": "and three plus three ?"}, {"role": "assistant", "content": "six ."}]}
+ULTRAFEEDBACK_ROW = {"prompt": "describe the cat .", "prompt_id": "y",
+                     "chosen": [{"role": "user", "content": "describe the cat ."},
+                                {"role": "assistant", "content": "the cat is black ."}],
+                     "rejected": [{"role": "user", "content": "describe the cat ."},
+                                  {"role": "assistant", "content": "the cat is blue ."}],
+                     "score_chosen": 8.0, "score_rejected": 3.0}
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_ultrachat_and_ultrafeedback_layouts_from_jsonl_and_parquet(tmp_path):
+    sft = load_rows(str(_jsonl(tmp_path / "chat.jsonl", [ULTRACHAT_ROW] * 3)), "sft")
+    assert len(sft) == 3 and sft[0]["messages"][-1]["content"] == "six ."
+    pq = tmp_path / "prefs.parquet"
+    Dataset.from_list([ULTRAFEEDBACK_ROW] * 2).to_parquet(str(pq))
+    prefs = load_rows(str(pq), "preference")
+    assert prefs[0]["prompt"] == "describe the cat ." and prefs[0]["chosen"][-1]["content"] == "the cat is black ."
+    # TRL's string form is converted to messages
+    trl = load_rows(str(_jsonl(tmp_path / "trl.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])), "preference")
+    assert trl[0]["rejected"] == [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]
+    prompts = load_rows(str(tmp_path / "chat.jsonl"), "prompt", limit=2)
+    assert prompts["prompt"] == ["hi", "hi"]
+
+
+def test_malformed_rows_name_file_row_and_field(tmp_path):
+    bad_role = dict(ULTRACHAT_ROW, messages=[{"role": "bot", "content": "x"}])
+    f = _jsonl(tmp_path / "bad.jsonl", [ULTRACHAT_ROW, ULTRACHAT_ROW, bad_role])
+    with pytest.raises(DatasetRowError, match=r"bad.jsonl: row 2: field 'messages\[0\].role': must be one of"):
+        load_rows(str(f), "sft")
+    no_rej = {k: v for k, v in ULTRAFEEDBACK_ROW.items() if k != "rejected"}
+    f2 = _jsonl(tmp_path / "p.jsonl", [ULTRAFEEDBACK_ROW, no_rej])
+    with pytest.raises(DatasetRowError, match=r"p.jsonl: row 1: field 'rejected': missing"):
+        load_rows(str(f2), "preference")
+    ends_with_user = dict(ULTRACHAT_ROW, messages=ULTRACHAT_ROW["messages"][:3])
+    with pytest.raises(DatasetRowError, match="row 0: field 'messages': the last message must be the assistant"):
+        load_rows(str(_jsonl(tmp_path / "u.jsonl", [ends_with_user])), "sft")
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(DatasetSourceError, match="not found"):
+        load_rows(str(tmp_path / "nope.jsonl"), "sft")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetSourceError, match="empty"):
+        load_rows(str(tmp_path / "empty.jsonl"), "sft")
+    (tmp_path / "garbage.jsonl").write_text("{not json\n")
+    with pytest.raises(DatasetSourceError, match="cannot read"):
+        load_rows(str(tmp_path / "garbage.jsonl"), "sft")
+    with pytest.raises(DatasetSourceError, match="cannot load dataset 'no-such-org/no-such-set'"):
+        load_rows("no-such-org/no-such-set", "sft")
+
+
+def test_chat_template_masks_only_assistant_turns(tokenizer_and_preset):
+    tok, _ = tokenizer_and_preset
+    enc = encode_sft(tok, ULTRACHAT_ROW["messages"], max_len=128)
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert len(ids) == len(labels)
+    labelled = tok.decode([i for i, lbl in zip(ids, labels) if lbl != IGNORE])
+    assert labelled == "two plus two is four .<|end|>six .<|end|>"
+    assert tok.decode(ids).startswith("<|bos|><|user|>what is two plus two ?<|end|><|assistant|>")
+    conv = encode_conversation(tok, ULTRAFEEDBACK_ROW["chosen"], max_len=128)
+    assert tok.decode(conv["input_ids"][conv["prompt_len"]:]) == "the cat is black .<|end|>"
+    assert encode_sft(tok, ULTRACHAT_ROW["messages"], max_len=5)["input_ids"] == ids[:5]

@@ -1,0 +1,116 @@
+"""Pre-train -> SFT seeds -> soup -> reward model through the real CLI, plus resume and output safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from rayalign.recipes.loop import batch_indices
+from tests.conftest import ROOT, run_cli
+
+
+def test_quick_demo_writes_every_stage_and_report(quick_demo):
+    for d in ("presets/tiny", "base/model", "sft/sft-0", "sft/sft-1", "soup", "rm/model"):
+        assert (quick_demo / d / "model.safetensors").is_file(), d
+        assert (quick_demo / d / "tokenizer.json").is_file(), d
+    results = json.loads((quick_demo / "results.json").read_text())
+    assert set(results["gold"]) == {"random-init", "base", "sft-0", "sft-1", "soup"}
+    for g in results["gold"].values():
+        assert {"informative", "concise", "friendly", "combined", "informative_se"} <= set(g)
+    assert 0.0 <= results["reward_model"]["heldout_accuracy"]["all"] <= 1.0
+    report = (quick_demo / "report.md").read_text()
+    assert "| sft-0 |" in report and "Held-out pair accuracy" in report
+    # resolved configs are saved; no temporary or resume state is left behind
+    assert (quick_demo / "sft" / "config.yaml").is_file() and (quick_demo / "rm" / "config.yaml").is_file()
+    leftovers = [p for p in quick_demo.rglob("*") if ".tmp-" in p.name or p.name == "state"]
+    assert leftovers == []
+    assert (quick_demo / "base" / "logs" / "metrics.jsonl").is_file()
+    assert any((quick_demo / "base" / "logs" / "tensorboard").iterdir())
+
+
+def test_sft_seeds_differ_and_soup_is_their_average(quick_demo):
+    a = load_file(str(quick_demo / "sft/sft-0/model.safetensors"))
+    b = load_file(str(quick_demo / "sft/sft-1/model.safetensors"))
+    soup = load_file(str(quick_demo / "soup/model.safetensors"))
+    base = load_file(str(quick_demo / "base/model/model.safetensors"))
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert not np.allclose(a[k], b[k]) and not np.allclose(a[k], base[k])
+    for name in a:
+        np.testing.assert_allclose(soup[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_demo_refuses_existing_run_and_resume_finishes_without_retraining(quick_demo):
+    proc = run_cli("demo", "--quick", "--out", str(quick_demo), check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume" in proc.stderr
+    before = (quick_demo / "sft/sft-0/model.safetensors").stat().st_mtime
+    run_cli("demo", "--quick", "--out", str(quick_demo), "--resume")
+    assert (quick_demo / "sft/sft-0/model.safetensors").stat().st_mtime == before
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a = [batch_indices(100, 7, s, 10, 10).tolist() for s in range(20)]
+    assert a == [batch_indices(100, 7, s, 10, 10).tolist() for s in range(20)]
+    assert sorted(sum(a[:10], [])) == list(range(100))  # one epoch covers every example once
+    assert a[:10] != a[10:]  # epochs are reshuffled
+
+
+def _sft_args(base, out):
+    return ["sft", f"base={base}", f"output={out}", "seeds=[3]", "epochs=3", "save_every=5",
+            "world.sft_per_prompt=2", "learner.micro_batch_size=16"]
+
+
+def test_sft_killed_midway_resumes_to_identical_weights(quick_demo, tmp_path):
+    base = quick_demo / "base" / "model"
+    run_cli(*_sft_args(base, tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *_sft_args(base, killed)], cwd=ROOT,
+                            env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "state" / "sft-3" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "no resumable state was written before the kill"
+    saved_step = int(latest.read_text().strip().removeprefix("step"))
+    assert not (killed / "sft-3").exists()
+    proc = run_cli(*_sft_args(base, killed), check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr  # no silent overwrite
+    run_cli(*_sft_args(base, killed), "--resume")
+    steps = [json.loads(line)["step"] for line in (killed / "logs/sft-3/metrics.jsonl").read_text().splitlines()]
+    resumed_from = steps.index(saved_step + 1, saved_step)  # the resumed run continues at the saved step
+    assert steps[resumed_from - 1] >= saved_step
+    a = load_file(str(tmp_path / "straight/sft-3/model.safetensors"))
+    b = load_file(str(killed / "sft-3/model.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_cli_errors_are_clear_and_write_nothing(tmp_path):
+    out = tmp_path / "never"
+    proc = run_cli("sft", "base=x", f"output={out}", "learner.lrr=1", check=False)
+    assert proc.returncode == 2 and "unknown key 'learner.lrr'" in proc.stderr
+    proc = run_cli("sft", f"base={tmp_path / 'missing'}", f"output={out}", check=False)
+    assert proc.returncode == 2 and "model directory not found" in proc.stderr
+    proc = run_cli("sft", check=False)
+    assert proc.returncode == 2 and "base" in proc.stderr and "Field required" in proc.stderr
+    assert not out.exists()
+    help_text = run_cli("--help").stdout
+    for cmd in ("demo", "presets", "world", "pretrain", "sft", "rm", "eval"):
+        assert cmd in help_text
+
+
+def test_world_export_and_real_loader_roundtrip(tmp_path):
+    from rayalign.data.loaders import load_rows
+
+    run_cli("world", str(tmp_path / "w"))
+    prefs = load_rows(str(tmp_path / "w" / "prefs_train.jsonl"), "preference")
+    sft = load_rows(str(tmp_path / "w" / "sft_test.jsonl"), "sft")
+    assert len(prefs) > 100 and len(sft) > 100
+    assert run_cli("world", str(tmp_path / "w"), check=False).returncode == 2

@@ -1,0 +1,35 @@
+"""Functions run on spawned learner ranks by the tests (must be importable)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_lm_steps(rank: int, world_size: int, zero_stage: int, steps: int, global_batch: int, out: str) -> list[float]:
+    """Train a freshly initialised tiny Llama for `steps` on fixed data; rank 0 saves the full
+    weights to `out`. Every rank sees its slice of the same global batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rayalign.config.schema import LearnerConfig
+    from rayalign.learner.engine import Learner
+    from rayalign.losses.sft import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=32,
+                                         tie_word_embeddings=False))
+    per_rank = global_batch // world_size
+    learner = Learner(model, LearnerConfig(zero_stage=zero_stage, lr=1e-2, micro_batch_size=per_rank, grad_clip=1e9))
+    data = torch.randint(0, 64, (steps, global_batch, 16), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(m, b):
+        return causal_lm_loss(m(input_ids=b["input_ids"]).logits, b["input_ids"]), {}
+
+    losses = []
+    for s in range(steps):
+        mine = data[s, rank * per_rank:(rank + 1) * per_rank]
+        losses.append(learner.step([{"input_ids": mine}], loss_fn)["loss"])
+    sd = learner.full_state_dict()
+    if rank == 0:
+        torch.save(sd, out)
+    return losses
