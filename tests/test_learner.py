@@ -28,5 +28,10 @@ def test_two_ranks_match_single_rank(stage, reference, tmp_path):
     assert ref_losses[-1] < ref_losses[0]  # it trains
     sd = torch.load(out)
     assert sd.keys() == ref_sd.keys()
+    # All-reduce sums in another order than one rank does; Adam turns that float noise on
+    # near-zero gradients into updates of up to ~lr. Measured: relative error ~1e-5, max ~3e-5.
+    # A sharding bug (a lost reduction, a misplaced shard) shows up as 1e-1 or more.
     for k in ref_sd:
-        torch.testing.assert_close(sd[k], ref_sd[k], rtol=1e-4, atol=1e-5, msg=f"ZeRO-{stage} differs at {k}")
+        rel = float((sd[k] - ref_sd[k]).norm() / ref_sd[k].norm())
+        assert rel < 1e-4, f"ZeRO-{stage} differs at {k}: relative error {rel:.2e}"
+        assert float((sd[k] - ref_sd[k]).abs().max()) < 1e-3, k

@@ -157,6 +157,19 @@ def test_expo_bone_soup_and_output_dtype(models, tmp_path):
     assert json.loads((tmp_path / "bone" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+def test_chunked_streaming_gives_identical_bytes(models, tmp_path):
+    """Tensors split into many small chunks merge to the same bytes as whole-tensor chunks."""
+    spec = MergeSpec(method="task_arithmetic", base_model=str(models[2]), dtype="bfloat16",
+                     models=[{"model": str(models[0]), "weight": 0.7}, {"model": str(models[1]), "weight": -0.2}])
+    merge_to_disk(spec, tmp_path / "whole", progress=False)
+    merge_to_disk(spec, tmp_path / "chunked", progress=False, chunk_elements=1000)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "chunked")
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "chunked" / "model.safetensors").read_bytes()
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst

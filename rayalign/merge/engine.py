@@ -108,43 +108,42 @@ def _check_finite(name: str, out: torch.Tensor, paths: Sequence[Path], inputs: S
 
 # ---- the streaming core -------------------------------------------------------------------------
 
-def merge_tensors(ckpts: Sequence[Checkpoint], kernel: Kernel, names: Sequence[str] | None = None,
-                  prefetch: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged float32 tensor) in order. The next tensor's inputs are read (one thread
-    per model) while the current one is merged; two buffer sets per model are reused throughout,
-    so memory is a few tensors whatever the number of models."""
-    names = list(names if names is not None else ckpts[0].keys())
-    if not names:
-        return
-    sizes = {c.path: max(i.nbytes for i in c.tensors.values()) for c in ckpts}
-    bufs = [[torch.empty(sizes[c.path], dtype=torch.uint8) for c in ckpts] for _ in range(2)]
+CHUNK_ELEMENTS = 4 * 1024 * 1024  # 16 MB of float32 per input per chunk
 
-    def read_all(name: str, slot: int) -> list[torch.Tensor]:
-        out = []
-        for c, raw in zip(ckpts, bufs[slot]):
-            info = c.tensors[name]
-            flat = raw[: info.nbytes].view(info.dtype) if info.nbytes else torch.empty(0, dtype=info.dtype)
-            out.append(c.read(name, flat))
-        return out
+
+def merge_chunks(ckpts: Sequence[Checkpoint], kernel: Kernel, names: Sequence[str],
+                 chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, flat float32 piece of the merged tensor), tensor after tensor, piece after
+    piece. Every kernel is elementwise, so tensors are merged in flat chunks: the next chunk of
+    every input is read (in a second thread) while the current one is merged, into two reused
+    buffer sets, so memory is 2 x models x chunk whatever the size of the tensors or models."""
+    pieces = [(n, s, min(chunk_elements, ckpts[0].numel(n) - s))
+              for n in names for s in range(0, max(1, ckpts[0].numel(n)), chunk_elements)]
+    if not pieces:
+        return
+    bufs = [[torch.empty(chunk_elements * 8, dtype=torch.uint8) for _ in ckpts] for _ in range(2)]
+
+    def read(k: int) -> list[torch.Tensor]:
+        name, start, count = pieces[k]
+        return [c.read_flat(name, start, count, raw.view(c.tensors[name].dtype)) for c, raw in zip(ckpts, bufs[k % 2])]
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_all, names[0], 0)
-        for i, name in enumerate(names):
+        pending = pool.submit(read, 0)
+        for k, (name, _, _) in enumerate(pieces):
             inputs = pending.result()
-            if prefetch and i + 1 < len(names):
-                pending = pool.submit(read_all, names[i + 1], (i + 1) % 2)
+            if k + 1 < len(pieces):
+                pending = pool.submit(read, k + 1)
             out = kernel(inputs)
             _check_finite(name, out, [c.path for c in ckpts], inputs)
             yield name, out
-            if not prefetch and i + 1 < len(names):
-                pending = pool.submit(read_all, names[i + 1], (i + 1) % 2)
 
 
 def open_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
     return [Checkpoint(p) for p in paths]
 
 
-def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overwrite: bool = False) -> MergeReport:
+def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overwrite: bool = False,
+                  chunk_elements: int = CHUNK_ELEMENTS) -> MergeReport:
     """Merge as `spec` says into the HF directory `out` (sharded safetensors, index, config and
     tokenizer from the template model), atomically."""
     t0 = time.time()
@@ -173,16 +172,25 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
         bytes_read = sum(c.tensors[n].nbytes for c in ckpts for n in names)
         written = 0
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            bar = tqdm(total=len(order), desc=f"merge ({spec.method})", unit="tensor", disable=not progress)
-            stream = merge_tensors(ckpts, res.kernel, order)
+            total_bytes = sum(_out_bytes(p) for p in plan)
+            bar = tqdm(total=total_bytes, desc=f"merge ({spec.method})", unit="B", unit_scale=True, disable=not progress)
+            stream = merge_chunks(ckpts, res.kernel, order, chunk_elements)
             weight_map = {}
             for shard, fname in zip(shards, files):
                 writer = StreamingShardWriter(tmp / fname, [plan[i] for i in shard])
                 for i in shard:
-                    name, merged = next(stream)
-                    writer.write(name, merged.to(plan[i][2]))
+                    name, dtype = plan[i][0], plan[i][2]
                     weight_map[name] = fname
-                    bar.update(1)
+                    need = _out_bytes(plan[i])
+                    while need > 0:
+                        got, piece = next(stream)
+                        assert got == name, (got, name)
+                        piece = piece.to(dtype)
+                        writer.write(name, piece)
+                        need -= piece.numel() * piece.element_size()
+                        bar.update(piece.numel() * piece.element_size())
+                    if _out_bytes(plan[i]) == 0:
+                        next(stream)  # an empty tensor still yields one empty piece
                 writer.close()
                 written += writer.total
             bar.close()
@@ -199,6 +207,13 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
     finally:
         for c in ckpts:
             c.close()
+
+
+def _out_bytes(entry: tuple[str, tuple[int, ...], torch.dtype]) -> int:
+    n = 1
+    for d in entry[1]:
+        n *= d
+    return n * torch.empty((), dtype=entry[2]).element_size()
 
 
 def _copy_side_files(template: Path, tmp: Path, spec: MergeSpec) -> None:

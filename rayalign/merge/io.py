@@ -14,6 +14,7 @@ the safetensors library in the tests.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,21 +108,29 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor `name`, read into `out` (a flat buffer of the right dtype and at least the
-        size needed) when given, else into a new tensor."""
+    def numel(self, name: str) -> int:
         info = self.tensors[name]
-        numel = info.nbytes // max(1, torch.empty((), dtype=info.dtype).element_size())
-        buf = torch.empty(numel, dtype=info.dtype) if out is None else out[:numel]
+        return info.nbytes // torch.empty((), dtype=info.dtype).element_size()
+
+    def read_flat(self, name: str, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, start + count) of tensor `name`, flat, read into `out` (a buffer of
+        the tensor's dtype with at least `count` elements) or a new tensor."""
+        info = self.tensors[name]
+        size = torch.empty((), dtype=info.dtype).element_size()
+        buf = torch.empty(count, dtype=info.dtype) if out is None else out[:count]
+        if count == 0:
+            return buf
         f = self._handles.get(info.file)
         if f is None:
             f = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        f.seek(info.start)
-        view = memoryview(buf.view(torch.uint8).numpy()) if numel else memoryview(b"")
-        got = f.readinto(view) if numel else 0
-        if got != info.nbytes:
-            raise MergeInputError(f"{info.file}: short read for tensor {name} ({got} of {info.nbytes} bytes)")
-        return buf.view(info.shape)
+        got = os.preadv(f.fileno(), [memoryview(buf.view(torch.uint8).numpy())], info.start + start * size)
+        if got != count * size:
+            raise MergeInputError(f"{info.file}: short read for tensor {name} ({got} of {count * size} bytes)")
+        return buf
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor `name`."""
+        return self.read_flat(name, 0, self.numel(name)).view(self.tensors[name].shape)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.read(name)
@@ -171,17 +180,29 @@ class StreamingShardWriter:
         self.f = open(path, "wb")
         self.f.write(struct.pack("<Q", len(raw)) + raw)
         self.i = 0
+        self.written = 0
         self.total = offset
+        self._skip_empty()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        exp_name, shape, dtype, nbytes = self.expected[self.i]
-        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"shard writer expected {exp_name} {shape} {dtype}, got {name} "
-                               f"{tuple(tensor.shape)} {tensor.dtype}")
-        t = tensor.contiguous()
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next piece (flat, any length) of the current tensor `name`."""
+        exp_name, _, dtype, nbytes = self.expected[self.i]
+        if name != exp_name or chunk.dtype != dtype:
+            raise RuntimeError(f"shard writer expected {exp_name} ({dtype}), got {name} ({chunk.dtype})")
+        t = chunk.contiguous().reshape(-1)
         if t.numel():
-            self.f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self.i += 1
+            self.f.write(memoryview(t.view(torch.uint8).numpy()))
+        self.written += t.numel() * t.element_size()
+        if self.written > nbytes:
+            raise RuntimeError(f"shard writer got {self.written} bytes for {name}, expected {nbytes}")
+        if self.written == nbytes:
+            self.i += 1
+            self.written = 0
+            self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self.i < len(self.expected) and self.expected[self.i][3] == 0:
+            self.i += 1  # empty tensors have no bytes to wait for
 
     def close(self) -> None:
         if self.i != len(self.expected):

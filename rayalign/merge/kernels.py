@@ -1,8 +1,9 @@
 """Per-tensor merge kernels: small pure functions, accumulating in float32.
 
-Each takes the matching tensor of every input model and returns the merged tensor. The order of
-floating-point operations follows mergekit's (`(w * stack(x)).sum(0)`, then `/ sum(w)`; task
-arithmetic through the deltas `x_i - base`), so outputs are bit-identical to mergekit's in float32.
+Each takes the matching tensor of every input model and returns the merged tensor. The
+floating-point operations follow mergekit's (0.1.5) so outputs are bit-identical in float32:
+linear accumulates with a fused multiply-add (`acc.addcmul_(x, w)`) and divides by sum(w) when
+normalising; task arithmetic multiplies the deltas `x_i - base` by their weights and sums them.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return acc
 
 
+def fused_weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i x_i with one rounding per term (fused multiply-add), in float32, in input order."""
+    acc = torch.zeros(tensors[0].shape, dtype=F32)
+    for x, w in zip(tensors, weights):
+        acc.addcmul_(x.to(F32), torch.tensor(w, dtype=F32))
+    return acc
+
+
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = False) -> torch.Tensor:
     """Weighted linear merge. Weights may be negative; divided by their sum only if asked."""
-    out = weighted_sum(tensors, weights)
+    out = fused_weighted_sum(tensors, weights)
     if normalize:
         out /= torch.tensor(weights, dtype=F32).sum()
     return out

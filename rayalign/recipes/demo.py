@@ -43,7 +43,7 @@ def _settings(quick: bool) -> dict[str, Any]:
         return dict(preset="tiny", pretrain_docs=1500, pretrain_epochs=1.0, sft_per_prompt=2, sft_epochs=1.0,
                     pairs_per_prompt=2, rm_epochs=1.0, eval_prompts=16, eval_samples=1)
     return dict(preset="small", pretrain_docs=6000, pretrain_epochs=1.5, sft_per_prompt=8, sft_epochs=3.0,
-                pairs_per_prompt=8, rm_epochs=2.0, eval_prompts=None, eval_samples=4)
+                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4)
 
 
 def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: tuple[int, ...] = (0, 1),
@@ -103,7 +103,7 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
 
     # 5. reward model on noise-free Bradley-Terry pairs
     rm = run_rm(RMConfig(base=str(sft_paths[0]), output=str(out / "rm"), world=world, epochs=s["rm_epochs"],
-                         data=DataConfig(max_seq_len=96), learner=LearnerConfig(lr=5e-4, micro_batch_size=16)),
+                         data=DataConfig(max_seq_len=96), learner=LearnerConfig(lr=5e-4, micro_batch_size=32)),
                 resume=resume)
     rm_info = json.loads((rm / "rayalign.json").read_text())
     stage("reward_model")
