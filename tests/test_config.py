@@ -35,8 +35,9 @@ def test_bad_values_name_key_and_allowed_values():
         load_config(SFTConfig, None, ["base=a", "output=b", "learner.lr=-1"])
     with pytest.raises(ConfigError, match="base"):
         load_config(SFTConfig, None, ["output=b"])
-    with pytest.raises(ConfigError, match="offload_params needs zero_stage: 3"):
-        LearnerConfig.model_validate({"zero_stage": 2, "offload_params": True})
+    with pytest.raises(ConfigError, match="learner.offload_params: Value error, offload_params needs zero_stage: 3"):
+        load_config(SFTConfig, None, ["base=a", "output=b", "learner.zero_stage=2", "learner.offload_params=true"])
+    assert LearnerConfig(zero_stage=3, offload_params=True).offload_params
     with pytest.raises(ConfigError, match="world.weights"):
         load_config(SFTConfig, None, ["base=a", "output=b", "world.weights=[1,0]"])
 

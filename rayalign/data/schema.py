@@ -48,14 +48,14 @@ def normalise_row(row: dict[str, Any], kind: str, source: str, index: int) -> di
     if not isinstance(row, dict):
         raise DatasetRowError(source, index, "<row>", f"must be a mapping, got {type(row).__name__}")
     if kind == "sft":
-        if "messages" not in row:
+        if row.get("messages") is None:  # absent, or null where another row of the file has it
             raise DatasetRowError(source, index, "messages", "missing (SFT rows need a 'messages' list)")
         msgs = _check_messages(row["messages"], source, index, "messages", need_assistant_last=True)
         return {"prompt": row.get("prompt") or prompt_of(msgs), "messages": msgs}
     if kind == "preference":
         out: dict[str, Any] = {}
         for side in ("chosen", "rejected"):
-            if side not in row:
+            if row.get(side) is None:
                 raise DatasetRowError(source, index, side, "missing (preference rows need 'chosen' and 'rejected')")
             val = row[side]
             if isinstance(val, str):  # TRL standard form: prompt + completion strings
@@ -74,7 +74,7 @@ def normalise_row(row: dict[str, Any], kind: str, source: str, index: int) -> di
     if kind == "prompt":
         if isinstance(row.get("prompt"), str) and row["prompt"].strip():
             return {"prompt": row["prompt"]}
-        if "messages" in row:
+        if row.get("messages") is not None:
             msgs = _check_messages(row["messages"], source, index, "messages", need_assistant_last=False)
             p = prompt_of(msgs)
             if p:

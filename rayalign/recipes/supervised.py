@@ -116,6 +116,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
         logger.close()
         _drop_state(out / "state" / f"sft-{s}")
         del learner
+    _drop_state(out / "state")
     return paths
 
 

@@ -1,0 +1,80 @@
+"""PPO pieces against values computed by hand (see the comments)."""
+
+import math
+
+import pytest
+import torch
+
+from rayalign.losses.ppo import (
+    AdaptiveKL, entropy, gae, kl_penalty, masked_whiten, policy_loss, token_rewards, value_loss)
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    # log r = log 2
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))  # (1/r - 1) + log r
+    # k3 is non-negative and zero only at equality
+    x = torch.randn(1000)
+    assert (kl_penalty(x, torch.zeros(1000), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_token_rewards_put_score_on_last_real_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    r = token_rewards(torch.tensor([1.0, 2.0]), kl, beta=0.5, mask=mask)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, -0.1, 0.85], [-0.2, 1.75, 0.0]]))
+
+
+def test_gae_hand_computed():
+    # gamma 1, lambda 0.5: deltas (0.1, 0.1, 0.3) -> A2 = 0.3, A1 = 0.1 + 0.5*0.3, A0 = 0.1 + 0.5*A1
+    adv, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 1.0, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.225, 0.25, 0.3]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.725, 0.85, 1.0]]))
+    # the episode ends at the last real token: padding's reward and value are ignored
+    adv, ret = gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.6, 9.0]]),
+                   torch.tensor([[1.0, 1.0, 0.0]]), 1.0, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.3, 0.4, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.8, 1.0, 0.0]]))
+    # gamma discounts the bootstrap: delta_0 = 0 + 0.9*0.6 - 0.5 with lambda 0
+    adv, _ = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3), 0.9, 0.0)
+    assert adv[0, 0].item() == pytest.approx(0.9 * 0.6 - 0.5)
+
+
+def test_clipped_surrogate_hand_computed():
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    loss, m = policy_loss(logp, old, torch.ones(1, 2), mask, clip=0.2)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2)  # min(1.5, 1.2), min(0.5, 0.8)
+    assert m["clip_fraction"] == pytest.approx(0.5)
+    loss, _ = policy_loss(logp, old, -torch.ones(1, 2), mask, clip=0.2)
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2)  # min(-1.5, -1.2), min(-0.5, -0.8)
+    # gradient flows only through the unclipped side
+    logp = logp.clone().requires_grad_()
+    policy_loss(logp, old, torch.ones(1, 2), mask, clip=0.2)[0].backward()
+    assert logp.grad[0, 0].item() == 0.0 and logp.grad[0, 1].item() != 0.0
+
+
+def test_clipped_value_loss_hand_computed():
+    loss, m = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.7 - 2.0) ** 2)  # clipped to 0.7, the larger error
+    assert m["value_clip_fraction"] == 1.0
+
+
+def test_whiten_entropy_and_adaptive_kl():
+    w = masked_whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1, 1, 0]]))
+    torch.testing.assert_close(w, torch.tensor([[-math.sqrt(1.5), 0.0, math.sqrt(1.5), 0.0]]), atol=1e-5, rtol=0)
+    uniform = torch.zeros(1, 2, 4)
+    assert entropy(uniform, torch.ones(1, 2)).item() == pytest.approx(math.log(4))
+    ctl = AdaptiveKL(beta=0.1, target=6.0, horizon=10000)
+    assert ctl.update(kl=9.0, n_samples=256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))  # error clipped to 0.2
+    assert ctl.update(kl=5.7, n_samples=256) < 0.1 * (1 + 0.2 * 256 / 10000)
+    fixed = AdaptiveKL(beta=0.05)
+    assert fixed.update(100.0, 256) == 0.05
+    restored = AdaptiveKL(beta=1.0)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.beta == ctl.beta and restored.target == 6.0
