@@ -147,23 +147,14 @@ def merge(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Merge models: linear soups (negative weights allowed), task arithmetic, ExPO, Bone Soups."""
-    import yaml
-
-    from rayalign.config.core import apply_overrides
+    from rayalign.config.core import apply_overrides, read_yaml_mapping
     from rayalign.merge.engine import MergeValidationError, merge_to_disk
     from rayalign.merge.io import MergeInputError
     from rayalign.merge.spec import parse_spec
 
     def run():  # type: ignore[no-untyped-def]
-        if not config.is_file():
-            raise ConfigError(f"config file not found: {config}")
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{config} must hold a mapping at the top level")
-        return merge_to_disk(parse_spec(apply_overrides(data, overrides or [])), out, progress=not quiet)
+        data = apply_overrides(read_yaml_mapping(config), overrides or [])
+        return merge_to_disk(parse_spec(data), out, progress=not quiet)
 
     try:
         report = _run(run)

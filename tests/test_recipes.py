@@ -26,6 +26,8 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     assert 0.0 <= results["reward_model"]["heldout_accuracy"]["all"] <= 1.0
     report = (quick_demo / "report.md").read_text()
     assert "| sft-0 |" in report and "Held-out pair accuracy" in report
+    assert "![gold rewards](gold_rewards.png)" in report
+    assert (quick_demo / "gold_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resolved configs are saved; no temporary or resume state is left behind
     assert (quick_demo / "sft" / "config.yaml").is_file() and (quick_demo / "rm" / "config.yaml").is_file()
     leftovers = [p for p in quick_demo.rglob("*") if ".tmp-" in p.name or p.name == "state"]

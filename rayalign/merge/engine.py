@@ -138,10 +138,6 @@ def merge_chunks(ckpts: Sequence[Checkpoint], kernel: Kernel, names: Sequence[st
             yield name, out
 
 
-def open_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
-    return [Checkpoint(p) for p in paths]
-
-
 def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overwrite: bool = False,
                   chunk_elements: int = CHUNK_ELEMENTS) -> MergeReport:
     """Merge as `spec` says into the HF directory `out` (sharded safetensors, index, config and
@@ -153,7 +149,7 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
 
         raise OutputExistsError(f"output directory already exists: {out} (choose another path or remove it)")
     res = resolve(spec)
-    ckpts = open_checkpoints(res.paths)
+    ckpts = [Checkpoint(p) for p in res.paths]
     try:
         validate(ckpts)
         template = Path(res.template)

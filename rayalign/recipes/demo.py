@@ -20,6 +20,7 @@ from rayalign.config.schema import (
     WorldConfig,
 )
 from rayalign.eval.gold import GoldResult, evaluate, win_rate
+from rayalign.eval.plots import gold_bars
 from rayalign.merge.engine import merge_to_disk
 from rayalign.merge.spec import MergeSpec
 from rayalign.models.checkpoint import load_causal_lm
@@ -117,6 +118,7 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
         "reward_model": {"heldout_accuracy": rm_info["heldout_accuracy"], "heldout_pairs": rm_info["heldout_pairs"]},
         "timings_s": timings, "wall_time_s": round(time.time() - t0, 1),
     }
+    gold_bars(summary["gold"], out / "gold_rewards.png", "Gold rewards on held-out prompts")
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "report.md", render_report(summary))
     log.info("demo finished in %.0fs; report: %s", summary["wall_time_s"], out / "report.md")
@@ -130,6 +132,7 @@ def render_report(summary: dict[str, Any]) -> str:
         f"{summary['eval_prompts']} held-out prompts x {summary['samples_per_prompt']} samples, "
         f"combined = weights {summary['weights']} over {list(OBJECTIVES)}.", "",
         "## Gold rewards (mean ± standard error over prompts)", "",
+        "![gold rewards](gold_rewards.png)", "",
         "| model | " + " | ".join(OBJECTIVES) + " | combined | mean words |",
         "|---" * (len(OBJECTIVES) + 3) + "|",
     ]

@@ -32,9 +32,6 @@ from rayalign.world.facts import (
 from rayalign.world.gold import OBJECTIVES, combine, gold_vector
 from rayalign.world.prompts import Task, all_prompts, parse_prompt
 
-SPLITS = ("train", "dev", "test")
-
-
 def prompt_id(prompt: str) -> str:
     return hashlib.sha1(prompt.encode()).hexdigest()[:12]
 
