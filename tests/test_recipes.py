@@ -116,3 +116,19 @@ def test_world_export_and_real_loader_roundtrip(tmp_path):
     sft = load_rows(str(tmp_path / "w" / "sft_test.jsonl"), "sft")
     assert len(prefs) > 100 and len(sft) > 100
     assert run_cli("world", str(tmp_path / "w"), check=False).returncode == 2
+
+
+def test_presets_pretrain_and_eval_commands(quick_demo, tmp_path):
+    run_cli("presets", str(tmp_path / "presets"))
+    for name in ("tiny", "small", "medium"):
+        assert (tmp_path / "presets" / name / "model.safetensors").is_file()
+    assert run_cli("presets", str(tmp_path / "presets"), check=False).returncode == 2  # never overwritten
+    run_cli("pretrain", f"model={tmp_path / 'presets' / 'tiny'}", f"output={tmp_path / 'base'}",
+            "world.pretrain_docs=300", "learner.micro_batch_size=16", "save_every=0")
+    assert (tmp_path / "base" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "base" / "config.yaml").is_file() and not (tmp_path / "base" / "state").exists()
+    proc = run_cli("eval", f"models=[{quick_demo / 'sft' / 'sft-0'},{tmp_path / 'base' / 'model'}]",
+                   "limit=4", "samples_per_prompt=2")
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and rows[0]["win_rate_vs_first"] == 0.5 and rows[0]["prompts"] == 4
+    assert {"informative", "concise", "friendly", "combined"} <= set(rows[1])

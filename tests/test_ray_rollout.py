@@ -1,0 +1,43 @@
+"""On a real local Ray: a vLLM rollout actor, and weight sync through the object store in
+buckets. After a sync the actor generates exactly the learner's transformers greedy tokens."""
+
+import pytest
+import ray
+import torch
+
+from rayalign.data.tokenize import encode_prompt
+from rayalign.models.checkpoint import load_causal_lm
+from rayalign.rollout.worker import RolloutActor
+from rayalign.sync.object_store import ObjectStoreSync
+
+PROMPTS = ["what colour is the apple ?", "describe the bee .", "where does the crab live ?"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_object_store_sync_then_rollout_equals_learner_greedy(quick_demo, local_ray):
+    worker = RolloutActor.options(num_cpus=1).remote(
+        "vllm", str(quick_demo / "sft" / "sft-0"), {"temperature": 0.0, "max_new_tokens": 12})
+    assert ray.get(worker.engine_name.remote()) == "vllm"
+    learner_model, tok = load_causal_lm(quick_demo / "base" / "model")  # the learner's current weights
+    prompts = [encode_prompt(tok, p) for p in PROMPTS]
+    before = [r["response_ids"] for r in ray.get(worker.generate.remote(prompts))]
+
+    stats = ObjectStoreSync([worker], bucket_bytes=200_000).push(learner_model.named_parameters())
+    assert stats.tensors == len(list(learner_model.parameters())) and 2 <= stats.buckets < stats.tensors
+    assert stats.bytes == sum(p.numel() * 4 for p in learner_model.parameters()) and stats.mb_per_s > 0
+
+    expected = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = learner_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            expected.append(out[0, len(ids):].tolist())
+    assert expected != before
+    assert [r["response_ids"] for r in ray.get(worker.generate.remote(prompts))] == expected
+    ray.kill(worker)
