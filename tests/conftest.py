@@ -28,6 +28,19 @@ def run_cli(*args: str, check: bool = True, timeout: float = 900) -> subprocess.
     return proc
 
 
+def hf_greedy(model, tok, prompts: list[list[int]], max_new_tokens: int = 12) -> list[list[int]]:
+    """transformers' greedy continuation of each tokenised prompt: the reference for rollout engines."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            gen = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            out.append(gen[0, len(ids):].tolist())
+    return out
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quick demo, run once: OUT/presets/tiny, OUT/base/model, OUT/sft/sft-{0,1}, OUT/soup, OUT/rm/model."""

@@ -3,12 +3,12 @@ buckets. After a sync the actor generates exactly the learner's transformers gre
 
 import pytest
 import ray
-import torch
 
 from rayalign.data.tokenize import encode_prompt
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.rollout.worker import RolloutActor
 from rayalign.sync.object_store import ObjectStoreSync
+from tests.conftest import hf_greedy
 
 PROMPTS = ["what colour is the apple ?", "describe the bee .", "where does the crab live ?"]
 
@@ -32,12 +32,7 @@ def test_object_store_sync_then_rollout_equals_learner_greedy(quick_demo, local_
     assert stats.tensors == len(list(learner_model.parameters())) and 2 <= stats.buckets < stats.tensors
     assert stats.bytes == sum(p.numel() * 4 for p in learner_model.parameters()) and stats.mb_per_s > 0
 
-    expected = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = learner_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            expected.append(out[0, len(ids):].tolist())
+    expected = hf_greedy(learner_model, tok, prompts)
     assert expected != before
     assert [r["response_ids"] for r in ray.get(worker.generate.remote(prompts))] == expected
     ray.kill(worker)

@@ -2,25 +2,18 @@
 tokens, and after an in-place weight reload produces the new weights' greedy tokens."""
 
 import pytest
-import torch
 
 from rayalign.data.tokenize import encode_prompt
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.rollout.engine import HFEngine, SamplingConfig, VLLMEngine
+from tests.conftest import hf_greedy
 
 PROMPTS = ["what colour is the apple ?", "tell me about the whale .", "where does the fox live ?", "describe the owl ."]
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
 
 
-def hf_greedy(path, prompts):
-    model, tok = load_causal_lm(path)
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            gen = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            out.append(gen[0, len(ids):].tolist())
-    return out
+def greedy_of(path, prompts):
+    return hf_greedy(*load_causal_lm(path), prompts)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def vllm_engine(quick_demo):
 
 
 def test_vllm_cpu_greedy_equals_transformers(quick_demo, prompts, vllm_engine):
-    expected = hf_greedy(quick_demo / "sft" / "sft-0", prompts)
+    expected = greedy_of(quick_demo / "sft" / "sft-0", prompts)
     got = [r.response_ids for r in vllm_engine.generate(prompts)]
     assert got == expected
     hf = HFEngine(str(quick_demo / "sft" / "sft-0"), GREEDY)
@@ -47,7 +40,7 @@ def test_reloaded_weights_generate_like_the_new_model(quick_demo, prompts, vllm_
     new_model, _ = load_causal_lm(quick_demo / "base" / "model")
     n = vllm_engine.load_weights(new_model.named_parameters())
     assert n == len(list(new_model.named_parameters()))
-    expected = hf_greedy(quick_demo / "base" / "model", prompts)
+    expected = greedy_of(quick_demo / "base" / "model", prompts)
     assert expected != before  # the two models disagree, so the test can see the reload
     assert [r.response_ids for r in vllm_engine.generate(prompts)] == expected
     hf = HFEngine(str(quick_demo / "sft" / "sft-0"), GREEDY)
