@@ -170,6 +170,22 @@ def test_chunked_streaming_gives_identical_bytes(models, tmp_path):
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "chunked" / "model.safetensors").read_bytes()
 
 
+def test_empty_and_integer_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    for i in range(2):
+        d = tmp_path / f"raw{i}"
+        d.mkdir()
+        save_file({"a": torch.full((3,), float(i)), "empty": torch.zeros(0), "steps": torch.tensor([7], dtype=torch.int64),
+                   "z": torch.full((2, 2), 2.0 * i)}, str(d / "model.safetensors"))
+    spec = MergeSpec(method="linear", dtype="bfloat16",
+                     models=[{"model": str(tmp_path / "raw0"), "weight": 0.5}, {"model": str(tmp_path / "raw1"), "weight": 0.5}])
+    merge_to_disk(spec, tmp_path / "out", progress=False, chunk_elements=2)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out["empty"].shape == (0,) and out["a"].tolist() == [0.5] * 3 and out["z"].tolist() == [[1.0, 1.0]] * 2
+    assert out["a"].dtype == torch.bfloat16 and out["steps"].dtype == torch.int64
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rayalign.merge.io import INDEX, SINGLE, Checkpoint, MergeInputError, StreamingShardWriter, shard_plan
+from rayalign.merge.io import (INDEX, SINGLE, Checkpoint, MergeInputError, StreamingShardWriter, shard_plan,
+                               tensor_nbytes)
 from rayalign.merge.spec import OUT_DTYPES, Kernel, MergeSpec, resolve
-from rayalign.utils.io import atomic_dir
+from rayalign.utils.io import OutputExistsError, atomic_dir
 
 # config fields that must agree for weights to be mergeable
 STRUCTURAL = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -118,7 +119,7 @@ def merge_chunks(ckpts: Sequence[Checkpoint], kernel: Kernel, names: Sequence[st
     every input is read (in a second thread) while the current one is merged, into two reused
     buffer sets, so memory is 2 x models x chunk whatever the size of the tensors or models."""
     pieces = [(n, s, min(chunk_elements, ckpts[0].numel(n) - s))
-              for n in names for s in range(0, max(1, ckpts[0].numel(n)), chunk_elements)]
+              for n in names for s in range(0, ckpts[0].numel(n), chunk_elements)]  # none for empty tensors
     if not pieces:
         return
     bufs = [[torch.empty(chunk_elements * 8, dtype=torch.uint8) for _ in ckpts] for _ in range(2)]
@@ -145,8 +146,6 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
     t0 = time.time()
     out = Path(out)
     if out.exists() and not overwrite:
-        from rayalign.utils.io import OutputExistsError
-
         raise OutputExistsError(f"output directory already exists: {out} (choose another path or remove it)")
     res = resolve(spec)
     ckpts = [Checkpoint(p) for p in res.paths]
@@ -155,11 +154,11 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
         template = Path(res.template)
         names = list(ckpts[0].keys())
         first = ckpts[0].tensors
-        def out_dtype(n: str) -> torch.dtype:
+
+        def out_dtype(n: str) -> torch.dtype:  # integer tensors keep their dtype
             src = first[n].dtype
-            if not src.is_floating_point:
-                return src
-            return OUT_DTYPES[spec.dtype] if spec.dtype else src
+            return OUT_DTYPES[spec.dtype] if spec.dtype and src.is_floating_point else src
+
         plan = [(n, first[n].shape, out_dtype(n)) for n in names]
         shards = shard_plan(plan, spec.max_shard_bytes)
         files = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -168,7 +167,7 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
         bytes_read = sum(c.tensors[n].nbytes for c in ckpts for n in names)
         written = 0
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            total_bytes = sum(_out_bytes(p) for p in plan)
+            total_bytes = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in plan)
             bar = tqdm(total=total_bytes, desc=f"merge ({spec.method})", unit="B", unit_scale=True, disable=not progress)
             stream = merge_chunks(ckpts, res.kernel, order, chunk_elements)
             weight_map = {}
@@ -177,7 +176,7 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
                 for i in shard:
                     name, dtype = plan[i][0], plan[i][2]
                     weight_map[name] = fname
-                    need = _out_bytes(plan[i])
+                    need = tensor_nbytes(plan[i][1], dtype)
                     while need > 0:
                         got, piece = next(stream)
                         assert got == name, (got, name)
@@ -185,8 +184,6 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
                         writer.write(name, piece)
                         need -= piece.numel() * piece.element_size()
                         bar.update(piece.numel() * piece.element_size())
-                    if _out_bytes(plan[i]) == 0:
-                        next(stream)  # an empty tensor still yields one empty piece
                 writer.close()
                 written += writer.total
             bar.close()
@@ -203,13 +200,6 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
     finally:
         for c in ckpts:
             c.close()
-
-
-def _out_bytes(entry: tuple[str, tuple[int, ...], torch.dtype]) -> int:
-    n = 1
-    for d in entry[1]:
-        n *= d
-    return n * torch.empty((), dtype=entry[2]).element_size()
 
 
 def _copy_side_files(template: Path, tmp: Path, spec: MergeSpec) -> None:

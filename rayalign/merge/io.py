@@ -146,7 +146,7 @@ def shard_plan(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shar
     shards: list[list[int]] = [[]]
     size = 0
     for i, (_, shape, dtype) in enumerate(tensors):
-        nbytes = _nbytes(shape, dtype)
+        nbytes = tensor_nbytes(shape, dtype)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -155,7 +155,7 @@ def shard_plan(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shar
     return shards
 
 
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
         n *= s
@@ -171,7 +171,7 @@ class StreamingShardWriter:
         offset = 0
         self.expected: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
         for name, shape, dtype in tensors:
-            nbytes = _nbytes(shape, dtype)
+            nbytes = tensor_nbytes(shape, dtype)
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self.expected.append((name, shape, dtype, nbytes))
             offset += nbytes
