@@ -148,8 +148,7 @@ def merge(
 ) -> None:
     """Merge models: linear soups (negative weights allowed), task arithmetic, ExPO, Bone Soups."""
     from rayalign.config.core import apply_overrides, read_yaml_mapping
-    from rayalign.merge.engine import MergeValidationError, merge_to_disk
-    from rayalign.merge.io import MergeInputError
+    from rayalign.merge.engine import merge_to_disk
     from rayalign.merge.spec import parse_spec
 
     def run():  # type: ignore[no-untyped-def]
@@ -158,7 +157,7 @@ def merge(
 
     try:
         report = _run(run)
-    except (MergeValidationError, MergeInputError, ValueError) as exc:
+    except ValueError as exc:  # MergeValidationError, MergeInputError and spec errors are ValueErrors
         _fail(exc)
     typer.echo(f"merged {report.tensors} tensors ({report.bytes_read / 1e6:.1f} MB read, "
                f"{report.bytes_written / 1e6:.1f} MB written) in {report.seconds:.1f}s into {out}")

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayalign.data.tokenize import encode_prompt, pad
+from rayalign.data.tokenize import encode_prompt
+from rayalign.rollout.engine import SamplingConfig, hf_generate
 from rayalign.world.gold import OBJECTIVES, gold_vector
 
 
@@ -57,20 +58,10 @@ def generate(model: Any, tok: Any, prompts: list[str], n: int = 1, max_new_token
              temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[list[str]]:
     """HF generate (the fallback rollout path): n responses per prompt, decoded without specials."""
     model.eval()
-    device = next(model.parameters()).device
     torch.manual_seed(seed)
-    flat = [p for p in prompts for _ in range(n)]
-    texts: list[str] = []
-    for i in range(0, len(flat), batch_size):
-        ids = [encode_prompt(tok, p) for p in flat[i:i + batch_size]]
-        input_ids = pad(ids, tok.pad_token_id, side="left").to(device)
-        mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)
-        kw: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
-                              "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-        if temperature > 0:
-            kw.update(temperature=temperature, top_k=0, top_p=1.0)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **kw)
-        texts += tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    rollouts = hf_generate(model, tok, [encode_prompt(tok, p) for p in prompts],
+                           SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, n=n), batch_size)
+    texts = tok.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
     return [[t.strip() for t in texts[j * n:(j + 1) * n]] for j in range(len(prompts))]
 
 

@@ -11,6 +11,7 @@ and tensor. Output goes to a temporary directory that is renamed into place only
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rayalign.merge import kernels
 from rayalign.merge.io import (INDEX, SINGLE, Checkpoint, MergeInputError, StreamingShardWriter, shard_plan,
                                tensor_nbytes)
 from rayalign.merge.spec import OUT_DTYPES, Kernel, MergeSpec, resolve
@@ -233,7 +235,7 @@ def merge_into(model: torch.nn.Module, sources: Sequence[TensorSource], coeffici
     if not sources:
         raise ValueError("merge_into needs at least one source")
     coefs = [float(c) for c in coefficients]
-    if not all(map(lambda c: c == c and abs(c) != float("inf"), coefs)):
+    if not all(math.isfinite(c) for c in coefs):
         raise ValueError(f"coefficients must be finite, got {coefs}")
     target = model.state_dict()
     for name, dst in target.items():
@@ -250,9 +252,7 @@ def merge_into(model: torch.nn.Module, sources: Sequence[TensorSource], coeffici
                                            f"the model {list(dst.shape)}")
             inputs.append(t)
         else:
-            merged = torch.mul(inputs[0].to(torch.float32), coefs[0])
-            for t, c in zip(inputs[1:], coefs[1:]):
-                merged += t.to(torch.float32) * c
+            merged = kernels.weighted_sum(inputs, coefs)
             _check_finite(name, merged, [Path(f"source{i}") for i in range(len(inputs))], inputs)
             dst.copy_(merged.to(dst.dtype))
     return model

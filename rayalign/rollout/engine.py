@@ -41,6 +41,31 @@ class Rollout:
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
 
 
+@torch.no_grad()
+def hf_generate(model: Any, tok: Any, prompts: list[list[int]], s: SamplingConfig,
+                batch_size: int = 64) -> list[Rollout]:
+    """transformers `generate`, s.n samples per prompt, left-padded batches; responses end at
+    (and include) EOS. Seeding is the caller's."""
+    device = next(model.parameters()).device
+    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(s.n)]
+    eos = tok.eos_token_id
+    out: list[Rollout] = []
+    for b in range(0, len(flat), batch_size):
+        chunk = flat[b:b + batch_size]
+        ids = [p for _, p in chunk]
+        input_ids = pad(ids, tok.pad_token_id, side="left").to(device)
+        mask = pad([[1] * len(p) for p in ids], 0, side="left").to(device)
+        kw: dict[str, Any] = {"do_sample": s.temperature > 0, "max_new_tokens": s.max_new_tokens,
+                              "pad_token_id": tok.pad_token_id, "eos_token_id": eos}
+        if s.temperature > 0:
+            kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, **kw)[:, input_ids.shape[1]:]
+        for (i, p), row in zip(chunk, gen.tolist()):
+            finished = eos in row
+            out.append(Rollout(i, p, row[:row.index(eos) + 1] if finished else row, finished))
+    return out
+
+
 class HFEngine:
     """transformers `generate`: the fallback that needs nothing but torch."""
 
@@ -52,34 +77,12 @@ class HFEngine:
         self.sampling = sampling
         self._calls = 0
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
                  batch_size: int = 64) -> list[Rollout]:
         s = sampling or self.sampling
         torch.manual_seed(s.seed + self._calls)
         self._calls += 1
-        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(s.n)]
-        eos = self.tok.eos_token_id
-        out: list[Rollout] = []
-        for b in range(0, len(flat), batch_size):
-            chunk = flat[b:b + batch_size]
-            ids = [p for _, p in chunk]
-            input_ids = pad(ids, self.tok.pad_token_id, side="left")
-            mask = pad([[1] * len(p) for p in ids], 0, side="left")
-            kw: dict[str, Any] = {"do_sample": s.temperature > 0, "max_new_tokens": s.max_new_tokens,
-                                  "pad_token_id": self.tok.pad_token_id, "eos_token_id": eos}
-            if s.temperature > 0:
-                kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
-            gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)[:, input_ids.shape[1]:]
-            for (i, p), row in zip(chunk, gen.tolist()):
-                resp, finished = [], False
-                for t in row:
-                    resp.append(t)
-                    if t == eos:
-                        finished = True
-                        break
-                out.append(Rollout(i, p, resp, finished))
-        return out
+        return hf_generate(self.model, self.tok, prompts, s, batch_size)
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
