@@ -20,7 +20,7 @@ import torch.distributed as dist  # noqa: E402
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 

@@ -123,16 +123,19 @@ class Learner:
         return Path(out)
 
     # ---- training state for resume ---------------------------------------------------------
-    def save_state(self, directory: str | Path, client_state: dict[str, Any]) -> None:
-        """Model, optimiser, scheduler and `client_state` (step, data position, RNG, ...)."""
+    def save_state(self, directory: str | Path, client_state: dict[str, Any], tag: str | None = None) -> None:
+        """Model, optimiser, scheduler and `client_state` (step, data position, RNG, ...);
+        collective. `tag` names the state (default step<optimiser step>)."""
         state = dict(client_state, global_step=self.global_step)
-        self.engine.save_checkpoint(str(directory), tag=f"step{self.global_step}", client_state=state)
+        self.engine.save_checkpoint(str(directory), tag=tag or f"step{self.global_step}", client_state=state)
 
-    def load_state(self, directory: str | Path) -> dict[str, Any] | None:
-        """Load the latest state saved in `directory`; None if there is none."""
-        if not (Path(directory) / "latest").is_file():
+    def load_state(self, directory: str | Path, tag: str | None = None) -> dict[str, Any] | None:
+        """Load the state saved in `directory` under `tag` (default: the latest); None if there is none."""
+        if tag is None and not (Path(directory) / "latest").is_file():
             return None
-        _, client = self.engine.load_checkpoint(str(directory))
+        if tag is not None and not (Path(directory) / tag).is_dir():
+            raise RuntimeError(f"no training state {tag!r} in {directory}")
+        _, client = self.engine.load_checkpoint(str(directory), tag=tag)
         if client is None:
             raise RuntimeError(f"cannot load the training state in {directory}")
         self.global_step = int(client.get("global_step", 0))

@@ -29,24 +29,27 @@ class BucketMeta:
         return sum(self.numels)
 
 
-def bucketize(named_tensors: Iterable[tuple[str, torch.Tensor]],
-              bucket_bytes: int = 256 * 1024**2) -> Iterator[tuple[BucketMeta, torch.Tensor]]:
-    """Yield (meta, flat buffer) buckets; tensors are copied into the buffer in input order."""
+def bucketize(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = 256 * 1024**2,
+              allocate: bool = True) -> Iterator[tuple[BucketMeta, torch.Tensor | None]]:
+    """Yield (meta, flat buffer) buckets; tensors are copied into the buffer in input order.
+    With allocate=False only the layout is computed (buffer None; tensors may be on 'meta')."""
     pending: list[tuple[str, torch.Tensor]] = []
     size = 0
 
-    def flush() -> tuple[BucketMeta, torch.Tensor]:
+    def flush() -> tuple[BucketMeta, torch.Tensor | None]:
         dtype = pending[0][1].dtype
+        meta = BucketMeta(tuple(n for n, _ in pending), tuple(tuple(t.shape) for _, t in pending), dtype)
+        if not allocate:
+            return meta, None
         flat = torch.empty(sum(t.numel() for _, t in pending), dtype=dtype)
         offset = 0
         for _, t in pending:
             flat[offset:offset + t.numel()].copy_(t.reshape(-1))
             offset += t.numel()
-        meta = BucketMeta(tuple(n for n, _ in pending), tuple(tuple(t.shape) for _, t in pending), dtype)
         return meta, flat
 
     for name, t in named_tensors:
-        t = t.detach().to("cpu") if t.device.type != "cpu" else t.detach()
+        t = t.detach().to("cpu") if allocate and t.device.type != "cpu" else t.detach()
         nbytes = t.numel() * t.element_size()
         if pending and (t.dtype != pending[0][1].dtype or size + nbytes > bucket_bytes):
             yield flush()

@@ -1,0 +1,188 @@
+"""One rank of the PPO learner group: the policy (actor) and the critic, each a DeepSpeed
+`Learner`, in the torch.distributed group of all ranks. No Ray in here: `LearnerGroup` wraps
+it in actors; a test can run it in-process as a one-rank group.
+
+Batches are right-padded sequences (prompt + response). Every per-token tensor is aligned with
+input_ids[:, 1:] (position t scores the token at t + 1) and `response_mask` marks the positions
+whose token is part of the response.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayalign.config.schema import LearnerConfig, PPOAlgoConfig
+from rayalign.learner.dist import free_port, init_process_group
+from rayalign.learner.engine import Learner
+from rayalign.losses.logprobs import token_logprobs
+from rayalign.losses.ppo import entropy, policy_loss, value_loss
+from rayalign.models.checkpoint import CheckpointError, check_dir, is_local, load_causal_lm, load_tokenizer
+from rayalign.sync.buckets import BucketMeta, bucketize
+
+
+def load_value_model(path: str | Path) -> Any:
+    """A per-token value model (token classification, one label) from a reward model or an LM."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    if is_local(path):
+        check_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), num_labels=1)
+        config.classifier_dropout = 0.0  # values must not depend on train/eval mode
+        model = AutoModelForTokenClassification.from_pretrained(str(path), config=config, dtype=torch.float32)
+    except Exception as exc:
+        raise CheckpointError(f"cannot load a critic from {path}: {type(exc).__name__}: {exc}") from exc
+    return model
+
+
+class ActorCriticRank:
+    def __init__(self) -> None:
+        self.rank = 0
+        self.actor: Learner | None = None
+
+    def address(self) -> tuple[str, int]:
+        """Where this rank can be reached (rank 0 hosts the group's rendezvous)."""
+        try:
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+        except Exception:
+            ip = "127.0.0.1"
+        return ip, free_port()
+
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str, critic: str,
+              actor_cfg: dict[str, Any], critic_cfg: dict[str, Any], temperature: float = 1.0, seed: int = 0) -> None:
+        acfg, ccfg = LearnerConfig(**actor_cfg), LearnerConfig(**critic_cfg)
+        init_process_group(acfg.backend, rank, world_size, master_addr, master_port)
+        self.rank, self.world_size, self.temperature, self.seed = rank, world_size, temperature, seed
+        torch.manual_seed(seed)
+        policy_model, _ = load_causal_lm(policy, with_tokenizer=False)
+        self.tokenizer = load_tokenizer(policy)
+        critic_model = load_value_model(critic)
+        critic_model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.actor = Learner(policy_model, acfg)
+        self.critic = Learner(critic_model, ccfg)
+        self.group: Any = None
+
+    # ---- experience ------------------------------------------------------------------------
+    def _values(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return out.squeeze(-1)[:, :-1].float()
+
+    def _logits(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Old policy log-probs and old values of a shard (before this iteration's updates)."""
+        assert self.actor is not None, "setup() first"
+        self.actor.engine.eval()
+        self.critic.engine.eval()
+        logp = token_logprobs(self._logits(self.actor.engine, batch), batch["input_ids"], self.temperature)
+        return {"logp": logp, "values": self._values(self.critic.engine, batch)}
+
+    def train(self, batch: dict[str, torch.Tensor], algo: dict[str, Any], iteration: int) -> dict[str, float]:
+        """`algo.epochs` passes over this rank's shard in mini-batches; one optimiser step of the
+        actor and one of the critic per mini-batch. Returns metrics averaged over the steps."""
+        assert self.actor is not None, "setup() first"
+        a = PPOAlgoConfig(**algo)
+        cfg = self.actor.cfg
+        mini = cfg.micro_batch_size * cfg.grad_accum
+        n = batch["input_ids"].shape[0]
+        if n % mini:
+            raise ValueError(f"shard of {n} samples is not a multiple of the mini-batch ({mini})")
+        rng = np.random.default_rng([self.seed, iteration, self.rank])
+        T = self.temperature
+
+        def actor_loss(model: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            logits = self._logits(model, mb)
+            logp = token_logprobs(logits, mb["input_ids"], T)
+            loss, m = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], a.clip)
+            ent = entropy(logits[:, :-1] / T, mb["response_mask"])
+            if a.entropy_coef:
+                loss = loss - a.entropy_coef * ent
+            return loss, {**m, "entropy": float(ent.detach())}
+
+        def critic_loss(model: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            values = self._values(model, mb)
+            loss, m = value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], a.value_clip)
+            return loss, m
+
+        totals: dict[str, float] = {}
+        steps = 0
+        for _ in range(a.epochs):
+            order = rng.permutation(n)
+            for s in range(0, n, mini):
+                idx = torch.as_tensor(order[s:s + mini])
+                micro = [{k: v[idx[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size]] for k, v in batch.items()}
+                         for j in range(cfg.grad_accum)]
+                am = self.actor.step(micro, actor_loss)
+                cm = self.critic.step(micro, critic_loss)
+                merged = {**{f"policy/{k}": v for k, v in am.items()}, **{f"value/{k}": v for k, v in cm.items()}}
+                for k, v in merged.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                steps += 1
+        return {k: v / steps for k, v in totals.items()}
+
+    # ---- weights out -----------------------------------------------------------------------
+    def bucket_metas(self, bucket_bytes: int) -> list[BucketMeta]:
+        """The bucket layout of the policy weights (shapes only; no gathering)."""
+        assert self.actor is not None
+        named = ((n, torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta"))
+                 for n, p in self.actor.module.named_parameters())
+        return [m for m, _ in bucketize(named, bucket_bytes, allocate=False)]
+
+    def publish_buckets(self, bucket_bytes: int) -> tuple[list[BucketMeta], list[Any], int] | None:
+        """Collective over the learner ranks; rank 0 puts the buckets into the object store."""
+        import ray
+
+        assert self.actor is not None
+        metas, refs, nbytes = [], [], 0
+        for meta, flat in bucketize(self.actor.iter_full_params(), bucket_bytes):
+            if self.rank == 0:
+                metas.append(meta)
+                refs.append(ray.put(flat))
+                nbytes += flat.numel() * flat.element_size()
+        return (metas, refs, nbytes) if self.rank == 0 else None
+
+    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str) -> None:
+        from rayalign.sync.collective import CollectiveGroup
+
+        if self.rank != 0:
+            raise RuntimeError("only learner rank 0 joins the weight-sync group")
+        if self.group is not None:
+            self.group.close()
+        self.group = CollectiveGroup.join(addr, port, 0, world_size, backend)
+
+    def broadcast_weights(self, bucket_bytes: int) -> tuple[int, int]:
+        """Collective over the learner ranks (ZeRO-3 gathers); rank 0 broadcasts to the workers."""
+        assert self.actor is not None
+        buckets = bucketize(self.actor.iter_full_params(), bucket_bytes)
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return 0, 0
+        if self.group is None:
+            raise RuntimeError("broadcast_weights before join_weight_group")
+        return self.group.send(buckets)
+
+    # ---- run state -------------------------------------------------------------------------
+    def save_state(self, directory: str, client_state: dict[str, Any], tag: str) -> None:
+        assert self.actor is not None
+        self.actor.save_state(Path(directory) / "actor", client_state, tag)
+        self.critic.save_state(Path(directory) / "critic", client_state, tag)
+
+    def load_state(self, directory: str, tag: str) -> dict[str, Any] | None:
+        assert self.actor is not None
+        client = self.actor.load_state(Path(directory) / "actor", tag)
+        self.critic.load_state(Path(directory) / "critic", tag)
+        return client
+
+    def save_policy(self, out: str, extra: dict[str, Any] | None = None) -> str:
+        assert self.actor is not None
+        self.actor.save_pretrained(out, self.tokenizer, extra=extra)
+        return out
