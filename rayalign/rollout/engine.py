@@ -3,6 +3,7 @@
 
     engine = make_engine("auto", "runs/sft/sft-0", sampling)
     rollouts = engine.generate([prompt_ids, ...])          # n samples per prompt
+    rollouts = engine.generate(prompts, sampling)         # explicit sampling: its seed is used as is
     engine.load_weights(learner.iter_full_params())       # new policy weights, in place
 
 vLLM is configured for a fast in-process start on CPU (eager mode, small KV cache); its weights
@@ -79,9 +80,9 @@ class HFEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig | None = None,
                  batch_size: int = 64) -> list[Rollout]:
-        s = sampling or self.sampling
-        torch.manual_seed(s.seed + self._calls)
+        s = sampling or self.sampling.model_copy(update={"seed": self.sampling.seed + self._calls})
         self._calls += 1
+        torch.manual_seed(s.seed)
         return hf_generate(self.model, self.tok, prompts, s, batch_size)
 
     @torch.no_grad()
@@ -101,13 +102,16 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, sampling: SamplingConfig, dtype: str = "auto",
+    def __init__(self, model_path: str, sampling: SamplingConfig, dtype: str | None = None,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.5):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
+        # On CPU vLLM would pick bf16 for a float32 checkpoint; the learner computes in float32,
+        # and rollouts must come from the same policy it trains.
+        dtype = dtype or ("auto" if torch.cuda.is_available() else "float32")
         self.llm = LLM(model=str(model_path), dtype=dtype, enforce_eager=True, seed=sampling.seed,
                        max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
         self.sampling = sampling
@@ -118,10 +122,10 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        s = sampling or self.sampling
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                seed=s.seed + self._calls if s.temperature > 0 else None)
+        s = sampling or self.sampling.model_copy(update={"seed": self.sampling.seed + self._calls})
         self._calls += 1
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                seed=s.seed if s.temperature > 0 else None)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         rollouts = []
         for i, (p, o) in enumerate(zip(prompts, outs)):

@@ -1,4 +1,7 @@
-"""The rollout Ray actor: a thin shell around a rollout engine (rayalign.rollout.engine)."""
+"""The rollout Ray actor: a thin shell around a rollout engine (rayalign.rollout.engine).
+
+New weights arrive either as object-store buckets (`load_buckets`) or by a collective broadcast
+from the learner's rank 0 (`join_weight_group` once, then `receive_weights` per sync)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import ray
 
 from rayalign.rollout.engine import SamplingConfig, make_engine
 from rayalign.sync.buckets import BucketMeta, unbucketize
+from rayalign.sync.collective import CollectiveGroup
 
 
 class RolloutWorker:
@@ -16,6 +20,7 @@ class RolloutWorker:
 
     def __init__(self, kind: str, model_path: str, sampling: dict[str, Any]):
         self.engine = make_engine(kind, model_path, SamplingConfig(**sampling))  # type: ignore[arg-type]
+        self.group: CollectiveGroup | None = None
 
     def engine_name(self) -> str:
         return self.engine.name
@@ -29,6 +34,16 @@ class RolloutWorker:
         flats = ray.get(refs)
         return self.engine.load_weights(itertools.chain.from_iterable(
             unbucketize(m, f) for m, f in zip(metas, flats)))
+
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        if self.group is not None:
+            self.group.close()
+        self.group = CollectiveGroup.join(addr, port, rank, world_size, backend)
+
+    def receive_weights(self, metas: list[BucketMeta]) -> int:
+        if self.group is None:
+            raise RuntimeError("receive_weights before join_weight_group")
+        return self.engine.load_weights(self.group.receive(metas))
 
 
 RolloutActor = ray.remote(RolloutWorker)

@@ -1,0 +1,46 @@
+"""Reference workers: hold pi_ref -- one checkpoint (PPO) or a soup of several built on load by
+the merge engine (SALSA) -- and return per-token log-probs of given sequences.
+
+    ref = ReferenceWorker(["runs/sft/sft-0", "runs/sft/sft-1"], [0.5, 0.5])   # a soup
+    logp = ref.logprobs({"input_ids": ids, "attention_mask": mask})         # [B, L-1]
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from rayalign.losses.logprobs import token_logprobs
+from rayalign.merge.engine import merge_into
+from rayalign.merge.io import Checkpoint
+from rayalign.models.checkpoint import load_causal_lm
+
+
+class ReferenceWorker:
+    def __init__(self, models: list[str], weights: list[float] | None = None, temperature: float = 1.0):
+        if not models:
+            raise ValueError("a reference worker needs at least one model")
+        w = weights if weights is not None else [1.0 / len(models)] * len(models)
+        if len(w) != len(models):
+            raise ValueError(f"{len(w)} soup weights for {len(models)} reference models")
+        self.model, _ = load_causal_lm(models[0], with_tokenizer=False)
+        if len(models) > 1 or w[0] != 1.0:
+            merge_into(self.model, [Checkpoint(m) for m in models], w)
+        self.model.eval()
+        self.temperature = temperature
+        self.description = {"models": list(models), "weights": list(w)}
+
+    def describe(self) -> dict:
+        return self.description
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return token_logprobs(logits, batch["input_ids"], self.temperature)
+
+    @torch.no_grad()
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+ReferenceActor = ray.remote(ReferenceWorker)
