@@ -7,6 +7,7 @@
     rayalign sft --config sft.yaml learner.lr=1e-4 seeds=[0,1,2]
     rayalign rm base=SFT_DIR output=DIR objectives=each
     rayalign merge merge.yaml OUT      # soups, task arithmetic, ExPO, Bone Soups; mergekit YAML too
+    rayalign train salsa --config salsa.yaml reference.models=[SFT0,SFT1]   # or: train ppo
     rayalign eval models=[A,B] split=test
 
 Training commands take an optional --config YAML plus dotted overrides (key.sub=value); the
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,8 +31,8 @@ from rayalign.utils.logging import setup_logging
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="rayalign: Ray-distributed RLHF and model soups. Start with `rayalign demo`.")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted overrides, e.g. learner.lr=1e-4 seeds=[0,1]")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. learner.lr=1e-4 seeds=[0,1]")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue an interrupted run in the same output")]
 
 
@@ -162,6 +164,30 @@ def merge(
     typer.echo(f"merged {report.tensors} tensors ({report.bytes_read / 1e6:.1f} MB read, "
                f"{report.bytes_written / 1e6:.1f} MB written) in {report.seconds:.1f}s into {out}")
     typer.echo(f"coefficients on {report.inputs}: {[round(c, 6) for c in report.coefficients]}")
+
+
+class Method(str, Enum):
+    ppo = "ppo"
+    salsa = "salsa"
+
+
+@app.command()
+def train(
+    method: Annotated[Method, typer.Argument(help="ppo: PPO with the SFT model as reference; salsa: a soup reference")],
+    config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False,
+) -> None:
+    """RLHF on Ray (rollout, reward, reference and learner actors). Starts a local Ray, or joins
+    RAY_ADDRESS / ray_address=..., so it also runs unchanged under `ray job submit`."""
+    from rayalign.config.schema import RLConfig
+    from rayalign.distributed.placement import PlacementError
+    from rayalign.recipes.ppo import run_rl
+
+    cfg = _run(load_config, RLConfig, config, overrides or [])
+    try:
+        path = _run(run_rl, cfg, method.value, resume=resume)
+    except (ValueError, PlacementError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}")
 
 
 @app.command("eval")

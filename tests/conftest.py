@@ -18,10 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, check: bool = True, timeout: float = 900,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `rayalign ARGS` in a fresh interpreter, as a user would."""
     proc = subprocess.run([sys.executable, "-m", "rayalign.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=os.environ.copy())
+                          timeout=timeout, cwd=ROOT, env=env if env is not None else os.environ.copy())
     if check and proc.returncode != 0:
         raise AssertionError(f"rayalign {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")

@@ -78,3 +78,22 @@ def test_whiten_entropy_and_adaptive_kl():
     restored = AdaptiveKL(beta=1.0)
     restored.load_state_dict(ctl.state_dict())
     assert restored.beta == ctl.beta and restored.target == 6.0
+
+
+def test_running_moments_and_reward_normalisation():
+    from rayalign.losses.ppo import RunningMoments, normalise_scores
+
+    m = RunningMoments()
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0])
+    m.update(a)
+    mean, std = m.update(b)
+    allx = torch.cat([a, b]).double()
+    assert mean == pytest.approx(float(allx.mean())) and std == pytest.approx(float(allx.std(unbiased=False)))
+    s = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    # batch: (s - 1.5) / sqrt(1.25)
+    assert torch.allclose(normalise_scores(s, "batch"), (s - 1.5) / 1.25**0.5, atol=1e-5)
+    assert torch.equal(normalise_scores(s, "none", clip=2.0), torch.tensor([0.0, 1.0, 2.0, 2.0]))
+    fresh = RunningMoments()
+    assert torch.allclose(normalise_scores(s, "running", fresh), (s - 1.5) / 1.25**0.5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown reward normalisation"):
+        normalise_scores(s, "zscore")

@@ -131,3 +131,55 @@ class AdaptiveKL:
         self.beta = float(state["beta"])  # type: ignore[arg-type]
         self.target = state["target"]  # type: ignore[assignment]
         self.horizon = int(state["horizon"])  # type: ignore[arg-type]
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and standard deviation of scalar scores (for reward normalisation),
+    merged batch by batch with Chan et al.'s parallel update."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 0.0
+
+    def update(self, x: torch.Tensor) -> tuple[float, float]:
+        x = x.double().flatten()
+        n = x.numel()
+        if n == 0:
+            return self.mean, self.std
+        b_mean, b_var = float(x.mean()), float(x.var(unbiased=False))
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
+        return self.mean, self.std
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 0.0) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+def normalise_scores(scores: torch.Tensor, how: str, moments: RunningMoments | None = None,
+                     clip: float | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """'none', 'batch' ((s - mean) / std of this batch) or 'running' (by running moments, which
+    are updated with this batch first); then clipped to [-clip, clip]."""
+    if how == "batch":
+        out = (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
+    elif how == "running":
+        if moments is None:
+            raise ValueError("running reward normalisation needs RunningMoments")
+        mean, std = moments.update(scores)
+        out = (scores - mean) / (std + eps)
+    elif how == "none":
+        out = scores
+    else:
+        raise ValueError(f"unknown reward normalisation {how!r}; use none, batch or running")
+    return out.clamp(-clip, clip) if clip is not None else out

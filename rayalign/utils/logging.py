@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from rayalign.utils.io import append_jsonl
+from rayalign.utils.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger("rayalign")
 
@@ -43,6 +44,14 @@ class RunLogger:
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{self.prefix}{k}", v, step)  # type: ignore[union-attr]
+
+    def truncate(self, after_step: int) -> None:
+        """Drop metrics.jsonl records beyond `after_step` (a resumed run repeats those steps)."""
+        path = self.dir / "metrics.jsonl"
+        if not self.enabled or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self._tb is not None:
