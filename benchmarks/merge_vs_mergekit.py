@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+from peers import ROOT, peer_python
 from safetensors.torch import save_file
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def llama_config(size_gb: float) -> dict:
@@ -59,18 +58,6 @@ def build_checkpoint(path: Path, cfg: dict, seed: int, shards: int = 2) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(cfg))
-
-
-def mergekit_python(work: Path) -> Path:
-    """A separate venv with mergekit (CPU torch through the same constraints file)."""
-    venv = work / "mergekit-venv"
-    py = venv / "bin" / "python"
-    if not (venv / ".ok").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints" / "cpu.txt"),
-                        "torch==2.13.0", "mergekit"], check=True)
-        (venv / ".ok").touch()
-    return py
 
 
 # ru_maxrss is a high-water mark that survives exec, and a child forked from this (large) process
@@ -150,7 +137,7 @@ def main() -> None:
     print(f"building 3 checkpoints of {args.size_gb} GB ({cfg['num_hidden_layers']} layers) in {work} ...", flush=True)
     for i, m in enumerate(models):
         build_checkpoint(m, cfg, seed=i)
-    mk_py = mergekit_python(work)
+    mk_py = peer_python(work, "mergekit")
     mk_cli = mk_py.parent / "mergekit-yaml"
     bw = memcpy_bandwidth()
     configs = {

@@ -10,19 +10,24 @@ from pathlib import Path
 
 import pytest
 
+from rayalign.utils.env import cpu_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+cpu_defaults(ROOT)
+
+
+def cli_env() -> dict[str, str]:
+    """The test environment minus RAY_ADDRESS: a command run as a user would start its own Ray."""
+    env = os.environ.copy()
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 900,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `rayalign ARGS` in a fresh interpreter, as a user would."""
     proc = subprocess.run([sys.executable, "-m", "rayalign.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env if env is not None else os.environ.copy())
+                          timeout=timeout, cwd=ROOT, env=env if env is not None else cli_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"rayalign {' '.join(args)} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
