@@ -76,3 +76,12 @@ def collate_pairs(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.T
     if "objective" in batch[0]:
         out["objective"] = torch.tensor([b["objective"] for b in batch], dtype=torch.long)
     return out
+
+
+def response_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response sequences for scoring sampled responses; `response_mask` is
+    aligned with input_ids[:, 1:] (the positions whose next token is a response token)."""
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    masks = [[0] * (len(p) - 1) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)]
+    return {"input_ids": pad(seqs, pad_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+            "response_mask": pad(masks, 0)[:, : max(len(s) for s in seqs) - 1].float()}

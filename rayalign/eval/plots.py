@@ -36,3 +36,51 @@ def gold_bars(summaries: dict[str, dict[str, Any]], out: str | Path, title: str 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def reward_kl_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: str | Path,
+                     points: dict[str, list[tuple[float, float]]] | None = None,
+                     title: str = "Gold reward against KL", xlabel: str = "KL(pi || pi_ref)",
+                     ylabel: str = "gold reward (combined)") -> Path:
+    """One colour per method: each run's training curve (KL, reward) as a thin line, and optional
+    held-out points (for example policy snapshots) as markers."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, runs) in enumerate(curves.items()):
+        c = colours[i % len(colours)]
+        for j, (x, y) in enumerate(runs):
+            ax.plot(x, y, color=c, alpha=0.55, linewidth=1.0, label=f"{name} (training batches)" if j == 0 else None)
+        if points and name in points and points[name]:
+            px, py = zip(*points[name])
+            ax.scatter(px, py, color=c, edgecolor="black", s=28, zorder=3, label=f"{name} (held-out snapshots)")
+    return _finish(fig, ax, out, xlabel, ylabel, title)
+
+
+def metric_lines(series: dict[str, list[np.ndarray]], out: str | Path, ylabel: str, title: str,
+                 marks: dict[str, list[int]] | None = None) -> Path:
+    """Per-step lines, one colour per name (several runs each); `marks` puts a red cross on steps
+    (for example where the KL-hack monitor raised its alarm)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, runs) in enumerate(series.items()):
+        for j, y in enumerate(runs):
+            ax.plot(np.arange(1, len(y) + 1), y, color=colours[i % len(colours)], alpha=0.7,
+                    label=name if j == 0 else None)
+            for step in (marks or {}).get(name, []):
+                if 1 <= step <= len(y):
+                    ax.scatter([step], [y[step - 1]], marker="x", color="red", s=50, zorder=3)
+    return _finish(fig, ax, out, "iteration", ylabel, title)
+
+
+def _finish(fig: Any, ax: Any, out: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
