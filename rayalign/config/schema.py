@@ -217,6 +217,8 @@ class RLConfig(Strict):
     prompts_per_step: int = Field(32, ge=1)
     seed: int = 0
     save_every: int = Field(5, ge=0, description="iterations between resumable run states (0: only at the end)")
+    snapshot_every: int = Field(0, ge=0, description="iterations between kept policy snapshots "
+                                "OUTPUT/snapshots/iter<N> (0: none); used to compare methods at matched KL")
     ray_address: str | None = Field(None, description="join this Ray cluster; default: RAY_ADDRESS or a new local Ray")
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()

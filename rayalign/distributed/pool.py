@@ -73,6 +73,16 @@ class ActorPool:
             self.on_restart(i)
         log.warning("%s actor %d is back", self.role, i)
 
+    def recover_restarted(self) -> list[int]:
+        """Bring back every actor Ray restarted (or is restarting) since the pool last saw it; the
+        indices recovered. For failures outside a pool call, such as a weight sync."""
+        back = []
+        for i, a in enumerate(self.actors):
+            if _num_restarts(a) != self._seen[i] or _state(a) in ("RESTARTING", "DEAD"):
+                self._recover(i, RuntimeError("restarted outside a pool call"))
+                back.append(i)
+        return back
+
     def call(self, i: int, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._gather({i: (method, args, kwargs)})[i]
 

@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
 from rayalign.config.core import dump_config
 from rayalign.config.schema import RLConfig
 from rayalign.data.loaders import load_rows
-from rayalign.data.tokenize import encode_prompt, pad
+from rayalign.data.tokenize import encode_prompt, response_batch
 from rayalign.distributed.cluster import connect
 from rayalign.distributed.placement import PlacementPlan
 from rayalign.distributed.pool import ActorPool
@@ -103,14 +104,6 @@ def load_prompts(cfg: RLConfig) -> list[str]:
     return prompts
 
 
-def make_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response sequences; response_mask is aligned with input_ids[:, 1:]."""
-    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
-    masks = [[0] * (len(p) - 1) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)]
-    return {"input_ids": pad(seqs, pad_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0),
-            "response_mask": pad(masks, 0)[:, : max(len(s) for s in seqs) - 1].float()}
-
-
 def gold_of(prompts: list[str], responses: list[str]) -> np.ndarray | None:
     """Gold objective vectors when the prompts belong to the embedded world, else None."""
     try:
@@ -160,6 +153,20 @@ class Roles:
         stats = self.sync.resync(i)
         self.resyncs += 1
         log.info("re-synced rollout worker %d: %.1f MB in %.2fs", i, stats.bytes / 1e6, stats.seconds)
+
+    def push_weights(self) -> Any:
+        """The learner's weights to every rollout worker. A worker that dies during the object-store
+        sync is restarted by Ray and re-synced on its own; the others already hold the new weights."""
+        try:
+            return self.sync.push()
+        except (RayActorError, ActorUnavailableError) as exc:
+            if isinstance(self.sync, CollectiveSync):
+                raise
+            log.warning("a rollout worker failed during the weight sync (%s); recovering", type(exc).__name__)
+            back = self.rollout.recover_restarted()
+            if not back:
+                raise
+            return self.sync.push(workers=[w for i, w in enumerate(self.rollout.actors) if i not in back])
 
     def close(self) -> None:
         self.learners.shutdown()
@@ -231,12 +238,13 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             log.info("%s: resuming at iteration %d/%d", method, start, cfg.steps)
         if resume:
             logger.truncate(start)
-        first = roles.sync.push()
+        first = roles.push_weights()
         log.info("%s: %s rollout engine; first weight sync %.1f MB in %.2fs (%s)", method, roles.engine,
                  first.bytes / 1e6, first.seconds, cfg.sync.kind)
         history: list[dict[str, float]] = []
         bar = tqdm(range(start, cfg.steps), desc=method, initial=start, total=cfg.steps)
         for it in bar:
+            t_iter = time.perf_counter()
             times: dict[str, float] = {}
             idx = batch_indices(len(prompts), cfg.seed, it, per_epoch, B)
             sample_prompts = [prompts[i] for i in np.repeat(idx, n)]
@@ -247,7 +255,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             prompt_ids = [r["prompt_ids"] for r in rollouts]
             response_ids = [r["response_ids"] or [tok.eos_token_id] for r in rollouts]
             responses = tok.batch_decode(response_ids, skip_special_tokens=True)
-            batch = make_batch(prompt_ids, response_ids, tok.pad_token_id)
+            batch = response_batch(prompt_ids, response_ids, tok.pad_token_id)
             mask = batch["response_mask"]
 
             with timed(times, "score"):
@@ -279,7 +287,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             seq_kl = float(((old["logp"] - ref_logp) * mask).sum(1).mean())  # k1 summed over the response
             kl_ctl.update(seq_kl, B * n)
             with timed(times, "sync"):
-                stats = roles.sync.push()
+                stats = roles.push_weights()
 
             lengths = mask.sum(1)
             metrics: dict[str, float] = {
@@ -300,6 +308,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
                 weights = np.asarray(cfg.world.weights)
                 metrics["gold/combined"] = float((gold @ weights).mean())
                 metrics.update({f"gold/{o}": float(gold[:, j].mean()) for j, o in enumerate(OBJECTIVES)})
+            metrics["time/iteration"] = time.perf_counter() - t_iter
             alarm = monitor.update(it + 1, metrics["response/length"], seq_kl)
             metrics["monitor/collapse"] = float(alarm is not None)
             metrics["data/first_prompt"] = float(idx[0])
@@ -311,6 +320,9 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.steps or stop:
                 _save_state(out, roles, it + 1, {"kl": kl_ctl.state_dict(), "moments": moments.state_dict(),
                                                  "monitor": monitor.state_dict()})
+            snapshot = out / "snapshots" / f"iter{it + 1}"
+            if cfg.snapshot_every and (it + 1) % cfg.snapshot_every == 0 and not snapshot.exists():
+                roles.learners.save_policy(str(snapshot), extra={"stage": method, "iteration": it + 1})
             if on_step is not None:
                 on_step(it + 1, metrics, roles)
             if stop:
