@@ -20,12 +20,18 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
         assert (quick_demo / d / "model.safetensors").is_file(), d
         assert (quick_demo / d / "tokenizer.json").is_file(), d
     results = json.loads((quick_demo / "results.json").read_text())
-    assert set(results["gold"]) == {"random-init", "base", "sft-0", "sft-1", "soup"}
+    assert set(results["gold"]) == {"random-init", "base", "sft-0", "sft-1", "soup", "ppo", "salsa"}
+    assert set(results["rl"]) == {"ppo", "salsa"} and "salsa vs ppo" in results["win_rate"]
+    for m in ("ppo", "salsa"):
+        assert results["rl"][m]["iterations"] == 3 and results["rl"][m]["engine"] == "vllm"
+        assert (quick_demo / m / "policy" / "model.safetensors").is_file()
+        assert (quick_demo / m / "logs" / "metrics.jsonl").is_file()
     for g in results["gold"].values():
         assert {"informative", "concise", "friendly", "combined", "informative_se"} <= set(g)
     assert 0.0 <= results["reward_model"]["heldout_accuracy"]["all"] <= 1.0
     report = (quick_demo / "report.md").read_text()
     assert "| sft-0 |" in report and "Held-out pair accuracy" in report
+    assert "## PPO and SALSA" in report and "| salsa (vllm) | 3 |" in report
     assert "![gold rewards](gold_rewards.png)" in report
     assert (quick_demo / "gold_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resolved configs are saved; no temporary or resume state is left behind

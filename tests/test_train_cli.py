@@ -13,7 +13,7 @@ import numpy as np
 
 from rayalign.recipes.loop import batch_indices
 from rayalign.world.build import split_prompts
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli_env, run_cli
 
 PROMPTS_PER_STEP = 8
 
@@ -26,16 +26,10 @@ def _args(demo, out, *extra: str) -> list[str]:
             *extra]
 
 
-def _env() -> dict[str, str]:
-    env = os.environ.copy()
-    env.pop("RAY_ADDRESS", None)  # a fresh local Ray, as on a laptop
-    return env
-
-
 def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
     out = tmp_path / "salsa"
     log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *_args(quick_demo, out)], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *_args(quick_demo, out)], cwd=ROOT, env=cli_env(),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     controller = out / "state" / "controller.json"
     deadline = time.monotonic() + 600
@@ -49,7 +43,7 @@ def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
         proc.wait()
     assert not (out / "policy").exists()
 
-    resumed = run_cli(*_args(quick_demo, out), "--resume", env=_env())
+    resumed = run_cli(*_args(quick_demo, out), "--resume")
     assert "resuming at iteration 2/4" in resumed.stdout + resumed.stderr
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -66,7 +60,7 @@ def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
 def test_salsa_needs_two_reference_models(quick_demo, tmp_path):
     sft0 = quick_demo / "sft" / "sft-0"
     proc = run_cli("train", "salsa", "--config", "salsa", f"policy={sft0}", f"reference.models=[{sft0}]",
-                   f"output={tmp_path / 'x'}", check=False, env=_env())
+                   f"output={tmp_path / 'x'}", check=False)
     assert proc.returncode == 2
     assert "SALSA needs a soup reference" in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -1,7 +1,7 @@
 """The end-to-end demo on the embedded default (README Quickstart line 1).
 
 world -> tokenizer and preset -> pre-trained base -> N SFT seeds -> uniform soup (merge engine) -> reward model
--> gold evaluation of every model -> report.md / results.json in the run directory.
+-> PPO and SALSA from SFT-0 on Ray -> gold evaluation of every model -> report.md / results.json in the run directory.
 """
 
 from __future__ import annotations
@@ -11,20 +11,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayalign.config.core import load_config
 from rayalign.config.schema import (
     DataConfig,
     LearnerConfig,
     PretrainConfig,
+    RLConfig,
     RMConfig,
     SFTConfig,
     WorldConfig,
 )
+from rayalign.distributed.cluster import connect
 from rayalign.eval.gold import GoldResult, evaluate, win_rate
 from rayalign.eval.plots import gold_bars
 from rayalign.merge.engine import merge_to_disk
 from rayalign.merge.spec import MergeSpec
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.models.presets import build_preset, n_params, train_tokenizer
+from rayalign.recipes.ppo import run_rl
 from rayalign.recipes.supervised import run_pretrain, run_rm, run_sft
 from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
 from rayalign.utils.logging import log
@@ -42,9 +46,10 @@ def uniform_soup(paths: list[Path], out: Path) -> Path:
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(preset="tiny", pretrain_docs=1500, pretrain_epochs=1.0, sft_per_prompt=2, sft_epochs=1.0,
-                    pairs_per_prompt=2, rm_epochs=1.0, eval_prompts=16, eval_samples=1)
+                    pairs_per_prompt=2, rm_epochs=1.0, eval_prompts=16, eval_samples=1,
+                    rl=["steps=3", "prompts_per_step=16", "rollout.n=1", "rollout.max_new_tokens=16"])
     return dict(preset="small", pretrain_docs=6000, pretrain_epochs=1.5, sft_per_prompt=8, sft_epochs=3.0,
-                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4)
+                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4, rl=[])
 
 
 def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: tuple[int, ...] = (0, 1),
@@ -109,12 +114,37 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
     rm_info = json.loads((rm / "rayalign.json").read_text())
     stage("reward_model")
 
+    # 6. PPO (pi_ref = SFT-0) and SALSA (pi_ref = soup of the SFT seeds), both from SFT-0, on Ray,
+    #    rewarded by the gold functions (the reward model above is a weaker proxy: see its accuracy)
+    rl_summaries = {}
+    if len(sft_paths) >= 2:
+        started = connect()
+        try:
+            for method in ("ppo", "salsa"):
+                refs = ",".join(str(p) for p in sft_paths) if method == "salsa" else ""
+                cfg = load_config(RLConfig, method, [f"policy={sft_paths[0]}", f"output={out / method}",
+                                                     f"reference.models=[{refs}]", f"seed={world_seed}", *s["rl"]])
+                policy = run_rl(cfg, method, resume=resume)
+                rl_summaries[method] = json.loads((out / method / "summary.json").read_text())
+                gold(method, policy)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        stage("ppo_salsa")
+
     summary = {
         "preset": s["preset"], "parameters": params, "quick": quick, "seeds": list(seeds),
         "eval_prompts": len(prompts), "samples_per_prompt": s["eval_samples"], "weights": world.weights,
         "gold": {k: v.summary() for k, v in results.items()},
         "win_rate": {f"{p.name} vs base": win_rate(results[p.name], results["base"]) for p in sft_paths}
-        | {f"soup vs {sft_paths[0].name}": win_rate(results["soup"], results[sft_paths[0].name])},
+        | {f"soup vs {sft_paths[0].name}": win_rate(results["soup"], results[sft_paths[0].name])}
+        | {f"{m} vs {sft_paths[0].name}": win_rate(results[m], results[sft_paths[0].name]) for m in rl_summaries}
+        | ({"salsa vs ppo": win_rate(results["salsa"], results["ppo"])} if len(rl_summaries) == 2 else {}),
+        "rl": {m: {"iterations": v["iterations"], "engine": v["engine"], "first": v["first"], "last": v["last"],
+                   "mean_times": v["mean_times"], "kl_hack_alarms": v["kl_hack_alarms"]}
+               for m, v in rl_summaries.items()},
         "reward_model": {"heldout_accuracy": rm_info["heldout_accuracy"], "heldout_pairs": rm_info["heldout_pairs"]},
         "timings_s": timings, "wall_time_s": round(time.time() - t0, 1),
     }
@@ -144,7 +174,17 @@ def render_report(summary: dict[str, Any]) -> str:
     lines += ["", "## Reward model", "",
               f"Held-out pair accuracy: {acc['all']:.1%} on {summary['reward_model']['heldout_pairs']} pairs "
               "from held-out prompts.", "",
-              "## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in summary["timings_s"].items()]
+              ""]
+    if summary.get("rl"):
+        lines += ["## PPO and SALSA (from SFT-0, gold reward, on Ray)", "",
+                  "| run | iterations | training reward first -> last | KL to reference (last batch) | "
+                  "mean s/iteration |", "|---|---|---|---|---|"]
+        for m, v in summary["rl"].items():
+            lines.append(f"| {m} ({v['engine']}) | {v['iterations']} | {v['first']['reward/score']:.3f} -> "
+                         f"{v['last']['reward/score']:.3f} | {v['last']['kl/sequence']:.2f} | "
+                         f"{v['mean_times'].get('time/iteration', float('nan')):.1f} |")
+        lines.append("")
+    lines += ["## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in summary["timings_s"].items()]
     lines.append(f"- total: {summary['wall_time_s']:.0f} s")
     return "\n".join(lines) + "\n"
 
