@@ -97,3 +97,17 @@ def test_running_moments_and_reward_normalisation():
     assert torch.allclose(normalise_scores(s, "running", fresh), (s - 1.5) / 1.25**0.5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown reward normalisation"):
         normalise_scores(s, "zscore")
+
+
+def test_kl_hack_monitor_alarms_after_patience_and_resumes_its_state():
+    from rayalign.config.schema import MonitorConfig
+    from rayalign.recipes.monitor import KLHackMonitor
+
+    mon = KLHackMonitor(MonitorConfig(collapse_ratio=0.5, patience=2, stop_on_collapse=True))
+    lengths = [20, 15, 9, 8, 12, 5, 4]  # floor 0.5 * 20 = 10: collapsed at 9, 8 | 5, 4
+    alarms = [mon.update(i + 1, x, kl=1.0) for i, x in enumerate(lengths)]
+    assert [a.step for a in alarms if a] == [4, 7] and all(a.stop for a in alarms if a)
+    assert "below 0.5 x the first step's 20.0" in alarms[3].message
+    resumed = KLHackMonitor(MonitorConfig(collapse_ratio=0.5, patience=2))
+    resumed.load_state_dict(mon.state_dict())
+    assert resumed.update(8, 3, kl=1.0) is not None and resumed.alarms == 3  # the streak carried over

@@ -192,7 +192,7 @@ class PPOAlgoConfig(Strict):
 class MonitorConfig(Strict):
     """The KL-hack monitor: response length and KL watched every step."""
 
-    collapse_ratio: float = Field(0.3, gt=0, lt=1,
+    collapse_ratio: float = Field(0.5, gt=0, lt=1,
                                   description="length collapse: mean length below this share of the first step's")
     patience: int = Field(2, ge=1, description="consecutive collapsed steps before acting")
     stop_on_collapse: bool = False

@@ -177,7 +177,7 @@ def render_report(summary: dict[str, Any]) -> str:
               ""]
     if summary.get("rl"):
         lines += ["## PPO and SALSA (from SFT-0, gold reward, on Ray)", "",
-                  "| run | iterations | training reward first -> last | KL to reference (last batch) | "
+                  "| run | iterations | training reward first -> last | KL to reference (last batch, k1 sample estimate) | "
                   "mean s/iteration |", "|---|---|---|---|---|"]
         for m, v in summary["rl"].items():
             lines.append(f"| {m} ({v['engine']}) | {v['iterations']} | {v['first']['reward/score']:.3f} -> "
