@@ -169,22 +169,31 @@ def merge(
 class Method(str, Enum):
     ppo = "ppo"
     salsa = "salsa"
+    spo = "spo"
+    dpo = "dpo"
+    ipo = "ipo"
 
 
 @app.command()
 def train(
-    method: Annotated[Method, typer.Argument(help="ppo: PPO with the SFT model as reference; salsa: a soup reference")],
+    method: Annotated[Method, typer.Argument(
+        help="ppo: PPO with the SFT model as reference; salsa: PPO with a soup reference; spo: soft preference "
+             "optimisation with an online global KL; dpo / ipo: the offline baselines on the same pairs")],
     config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False,
 ) -> None:
-    """RLHF on Ray (rollout, reward, reference and learner actors). Starts a local Ray, or joins
-    RAY_ADDRESS / ray_address=..., so it also runs unchanged under `ray job submit`."""
-    from rayalign.config.schema import RLConfig
+    """RLHF and preference optimisation on Ray (rollout, reward, reference and learner actors). Starts
+    a local Ray, or joins RAY_ADDRESS / ray_address=..., so it also runs unchanged under `ray job submit`."""
+    from rayalign.config.schema import PrefConfig, RLConfig
     from rayalign.distributed.placement import PlacementError
-    from rayalign.recipes.ppo import run_rl
 
-    cfg = _run(load_config, RLConfig, config, overrides or [])
+    if method.value in ("ppo", "salsa"):
+        from rayalign.recipes.ppo import run_rl as run
+        cfg = _run(load_config, RLConfig, config, overrides or [])
+    else:
+        from rayalign.recipes.preference import run_preference as run
+        cfg = _run(load_config, PrefConfig, config, overrides or [])
     try:
-        path = _run(run_rl, cfg, method.value, resume=resume)
+        path = _run(run, cfg, method.value, resume=resume)
     except (ValueError, PlacementError) as exc:
         _fail(exc)
     typer.echo(f"wrote {path}")

@@ -49,7 +49,11 @@ def hf_greedy(model, tok, prompts: list[list[int]], max_new_tokens: int = 12) ->
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quick demo, run once: OUT/presets/tiny, OUT/base/model, OUT/sft/sft-{0,1}, OUT/soup, OUT/rm/model."""
+    """The quick demo, run once: OUT/presets/tiny, OUT/base/model, OUT/sft/sft-{0,1}, OUT/soup, OUT/rm/model.
+    RAYALIGN_TEST_DEMO=DIR reuses a finished quick demo while iterating on one test (never in CI)."""
+    reuse = os.environ.get("RAYALIGN_TEST_DEMO")
+    if reuse and (Path(reuse) / "report.md").is_file():
+        return Path(reuse)
     out = tmp_path_factory.mktemp("demo") / "run"
     run_cli("demo", "--quick", "--out", str(out))
     return out

@@ -248,3 +248,85 @@ class RLConfig(Strict):
             raise ValueError("learner.actor and learner.critic need the same micro_batch_size and grad_accum "
                              "(they train on the same mini-batches)")
         return self
+
+
+# ---- preference optimisation on the distributed core (rayalign train spo|dpo|ipo) -----------------
+
+class PrefAlgoConfig(Strict):
+    """SPEC section 1, SPO (and the DPO / IPO baselines on the same data path)."""
+
+    alpha: float = Field(1.0, gt=0, description="SPO softness: the policy tends to softmax(r / alpha)")
+    gamma: float = Field(0.0, ge=0, description="SPO weight mu = (4 p (1 - p))^gamma, p the model's preference "
+                                                "probability of the pair; 0 = SPO-basic (mu = 1)")
+    kl_coef: float = Field(0.1, ge=0, description="SPO: beta of the global KL on online samples (0: no online "
+                                                  "sampling at all)")
+    kl_every: int = Field(4, ge=1, description="SPO: T, optimiser steps between online sample refreshes")
+    kl_prompts: int = Field(16, ge=1, description="SPO: prompts sampled per refresh (x rollout.n samples)")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO's beta")
+    ipo_tau: float = Field(0.1, gt=0, description="IPO's tau (target margin 1 / (2 tau))")
+
+
+class PolicyGroupConfig(Strict):
+    """N learner ranks in one torch.distributed group, each holding the policy and pi_ref."""
+
+    ranks: int = Field(1, ge=1)
+    resources: Resources = Resources(num_cpus=1.0)
+    actor: LearnerConfig = LearnerConfig(lr=5e-5, micro_batch_size=8)
+
+
+class SoupRefConfig(Strict):
+    """pi_ref inside the learner ranks: one checkpoint or a soup built on load by the merge engine."""
+
+    models: list[str] = Field(default_factory=list, description="empty: the policy's starting checkpoint")
+    weights: list[float] | None = Field(None, description="soup weights; default uniform")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> SoupRefConfig:
+        if self.weights is not None and len(self.weights) != len(self.models):
+            raise ValueError(f"reference.weights has {len(self.weights)} entries for {len(self.models)} "
+                             "reference.models")
+        return self
+
+
+class PrefConfig(Strict):
+    """`rayalign train spo|dpo|ipo`."""
+
+    policy: str = Field(..., description="the SFT checkpoint the policy starts from")
+    output: str
+    data: DataConfig = Field(DataConfig(), description="preference pairs: 'world' (combined gold labels on "
+                             "world.weights), a Hugging Face dataset or a local file in the UltraFeedback layout")
+    prompts: DataConfig = Field(DataConfig(), description="SPO: prompts of the online samples; 'world' = the "
+                                "world's train prompts, else a dataset/file with prompt or messages rows")
+    world: WorldConfig = WorldConfig()
+    epochs: float = Field(1.0, gt=0, description="passes over the preference pairs")
+    pairs_per_step: int = Field(32, ge=1)
+    seed: int = 0
+    save_every: int = Field(20, ge=0, description="optimiser steps between resumable run states (0: only at the end)")
+    ray_address: str | None = Field(None, description="join this Ray cluster; default: RAY_ADDRESS or a new local Ray")
+    rollout: RolloutConfig = RolloutConfig(max_new_tokens=40)
+    reference: SoupRefConfig = SoupRefConfig()
+    learner: PolicyGroupConfig = PolicyGroupConfig()
+    placement: PlacementConfig = PlacementConfig()
+    sync: SyncConfig = SyncConfig()
+    algo: PrefAlgoConfig = PrefAlgoConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrefConfig:
+        lc = self.learner.actor
+        mini = lc.micro_batch_size * lc.grad_accum * self.learner.ranks
+        if self.pairs_per_step % mini:
+            raise ValueError(f"pairs_per_step = {self.pairs_per_step} is not a multiple of learner.actor "
+                             f"micro_batch_size * grad_accum * learner.ranks = {mini}")
+        samples = self.algo.kl_prompts * self.rollout.n
+        if samples % (lc.grad_accum * self.learner.ranks):
+            raise ValueError(f"algo.kl_prompts * rollout.n = {samples} online samples cannot be split over "
+                             f"learner.ranks * learner.actor.grad_accum = {lc.grad_accum * self.learner.ranks}")
+        if self.rollout.temperature != 1.0 or self.rollout.top_p != 1.0:
+            raise ValueError("rollout.temperature and rollout.top_p must be 1.0: SPO's global KL is over samples "
+                             f"from the policy itself (got temperature {self.rollout.temperature}, top_p "
+                             f"{self.rollout.top_p})")
+        for g in self.placement.colocate:
+            bad = [r for r in g if r not in ("learner", "rollout")]
+            if bad:
+                raise ValueError(f"placement.colocate: {bad} are not roles of a preference run (learner, rollout)")
+        return self

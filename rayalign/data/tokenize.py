@@ -85,3 +85,22 @@ def response_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], p
     masks = [[0] * (len(p) - 1) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)]
     return {"input_ids": pad(seqs, pad_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0),
             "response_mask": pad(masks, 0)[:, : max(len(s) for s in seqs) - 1].float()}
+
+
+def encode_pair(tok: Any, row: dict[str, Any], max_len: int) -> dict[str, Any]:
+    """A preference row (chosen / rejected conversations) as token ids plus where each response starts."""
+    c = encode_conversation(tok, row["chosen"], max_len)
+    r = encode_conversation(tok, row["rejected"], max_len)
+    return {"chosen_ids": c["input_ids"], "rejected_ids": r["input_ids"],
+            "chosen_prompt_len": c["prompt_len"], "rejected_prompt_len": r["prompt_len"]}
+
+
+def collate_preference(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """collate_pairs plus `response_mask` aligned with input_ids[:, 1:]: 1 where the next token
+    belongs to the response (the preference losses sum log-probs over exactly these)."""
+    out = collate_pairs(batch, pad_id)
+    starts = [b["chosen_prompt_len"] for b in batch] + [b["rejected_prompt_len"] for b in batch]
+    seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+    masks = [[0] * max(0, s - 1) + [1] * (len(ids) - max(1, s)) for s, ids in zip(starts, seqs)]
+    out["response_mask"] = pad(masks, 0).float()  # every row has len(ids) - 1 entries
+    return out

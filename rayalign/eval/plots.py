@@ -72,6 +72,17 @@ def metric_lines(series: dict[str, list[np.ndarray]], out: str | Path, ylabel: s
     return _finish(fig, ax, out, "iteration", ylabel, title)
 
 
+def xy_lines(series: dict[str, tuple[list[float], list[float]]], out: str | Path, xlabel: str, ylabel: str,
+             title: str, logx: bool = False) -> Path:
+    """One marked line per name through its (x, y) points (for example entropy against alpha)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    return _finish(fig, ax, out, xlabel, ylabel, title)
+
+
 def _finish(fig: Any, ax: Any, out: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

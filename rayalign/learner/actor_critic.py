@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from rayalign.config.schema import LearnerConfig, PPOAlgoConfig
-from rayalign.learner.dist import free_port, init_process_group
+from rayalign.learner.dist import init_process_group
 from rayalign.learner.engine import Learner
+from rayalign.learner.policy import PolicyRank
 from rayalign.losses.logprobs import token_logprobs
 from rayalign.losses.ppo import entropy, policy_loss, value_loss
 from rayalign.models.checkpoint import CheckpointError, check_dir, is_local, load_causal_lm, load_tokenizer
-from rayalign.sync.buckets import BucketMeta, bucketize
 
 
 def load_value_model(path: str | Path) -> Any:
@@ -39,21 +39,7 @@ def load_value_model(path: str | Path) -> Any:
     return model
 
 
-class ActorCriticRank:
-    def __init__(self) -> None:
-        self.rank = 0
-        self.actor: Learner | None = None
-
-    def address(self) -> tuple[str, int]:
-        """Where this rank can be reached (rank 0 hosts the group's rendezvous)."""
-        try:
-            import ray
-
-            ip = ray.util.get_node_ip_address()
-        except Exception:
-            ip = "127.0.0.1"
-        return ip, free_port()
-
+class ActorCriticRank(PolicyRank):
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str, critic: str,
               actor_cfg: dict[str, Any], critic_cfg: dict[str, Any], temperature: float = 1.0, seed: int = 0) -> None:
         acfg, ccfg = LearnerConfig(**actor_cfg), LearnerConfig(**critic_cfg)
@@ -66,7 +52,7 @@ class ActorCriticRank:
         critic_model.config.pad_token_id = self.tokenizer.pad_token_id
         self.actor = Learner(policy_model, acfg)
         self.critic = Learner(critic_model, ccfg)
-        self.group: Any = None
+        self.learners = {"actor": self.actor, "critic": self.critic}
 
     # ---- experience ------------------------------------------------------------------------
     def _values(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,62 +113,3 @@ class ActorCriticRank:
                     totals[k] = totals.get(k, 0.0) + v
                 steps += 1
         return {k: v / steps for k, v in totals.items()}
-
-    # ---- weights out -----------------------------------------------------------------------
-    def bucket_metas(self, bucket_bytes: int) -> list[BucketMeta]:
-        """The bucket layout of the policy weights (shapes only; no gathering)."""
-        assert self.actor is not None
-        named = ((n, torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta"))
-                 for n, p in self.actor.module.named_parameters())
-        return [m for m, _ in bucketize(named, bucket_bytes, allocate=False)]
-
-    def publish_buckets(self, bucket_bytes: int) -> tuple[list[BucketMeta], list[Any], int] | None:
-        """Collective over the learner ranks; rank 0 puts the buckets into the object store."""
-        import ray
-
-        assert self.actor is not None
-        metas, refs, nbytes = [], [], 0
-        for meta, flat in bucketize(self.actor.iter_full_params(), bucket_bytes):
-            if self.rank == 0:
-                metas.append(meta)
-                refs.append(ray.put(flat))
-                nbytes += flat.numel() * flat.element_size()
-        return (metas, refs, nbytes) if self.rank == 0 else None
-
-    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str) -> None:
-        from rayalign.sync.collective import CollectiveGroup
-
-        if self.rank != 0:
-            raise RuntimeError("only learner rank 0 joins the weight-sync group")
-        if self.group is not None:
-            self.group.close()
-        self.group = CollectiveGroup.join(addr, port, 0, world_size, backend)
-
-    def broadcast_weights(self, bucket_bytes: int) -> tuple[int, int]:
-        """Collective over the learner ranks (ZeRO-3 gathers); rank 0 broadcasts to the workers."""
-        assert self.actor is not None
-        buckets = bucketize(self.actor.iter_full_params(), bucket_bytes)
-        if self.rank != 0:
-            for _ in buckets:
-                pass
-            return 0, 0
-        if self.group is None:
-            raise RuntimeError("broadcast_weights before join_weight_group")
-        return self.group.send(buckets)
-
-    # ---- run state -------------------------------------------------------------------------
-    def save_state(self, directory: str, client_state: dict[str, Any], tag: str) -> None:
-        assert self.actor is not None
-        self.actor.save_state(Path(directory) / "actor", client_state, tag)
-        self.critic.save_state(Path(directory) / "critic", client_state, tag)
-
-    def load_state(self, directory: str, tag: str) -> dict[str, Any] | None:
-        assert self.actor is not None
-        client = self.actor.load_state(Path(directory) / "actor", tag)
-        self.critic.load_state(Path(directory) / "critic", tag)
-        return client
-
-    def save_policy(self, out: str, extra: dict[str, Any] | None = None) -> str:
-        assert self.actor is not None
-        self.actor.save_pretrained(out, self.tokenizer, extra=extra)
-        return out

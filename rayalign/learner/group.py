@@ -1,6 +1,7 @@
-"""A learner group on Ray: N `ActorCriticRank` actors forming one torch.distributed group
-(gloo on CPU, NCCL on GPU), placed by the run's placement plan. Every method fans out to all
-ranks (they are collective) and batches are split evenly across them.
+"""Learner groups on Ray: N rank actors forming one torch.distributed group (gloo on CPU, NCCL on
+GPU), placed by the run's placement plan. Every method fans out to all ranks (they are
+collective) and batches are split evenly across them. `LearnerGroup` holds PPO's actor-critic
+ranks; `rayalign.learner.preference.PreferenceGroup` the SPO/DPO/IPO ranks.
 
     group = LearnerGroup(plan, cfg.learner, policy=..., critic=..., temperature=1.0, seed=0)
     old = group.forward(batch)                       # {"logp", "values"}, concatenated over ranks
@@ -28,24 +29,21 @@ def shard(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor
     return [{key: v[r * k:(r + 1) * k] for key, v in batch.items()} for r in range(n)]
 
 
-class LearnerGroup:
-    def __init__(self, plan: Any, cfg: LearnerGroupConfig, policy: str, critic: str, temperature: float = 1.0,
-                 seed: int = 0):
-        remote = ray.remote(ActorCriticRank)
-        self.ranks = [remote.options(**plan.options("learner", r)).remote() for r in range(cfg.ranks)]
+class RankGroup:
+    """`count` actors of `rank_cls` (a PolicyRank) in one torch.distributed group; `setup` is called
+    on every rank with (rank, world_size, master_addr, master_port, **setup_kwargs)."""
+
+    def __init__(self, plan: Any, count: int, rank_cls: type, **setup_kwargs: Any):
+        remote = ray.remote(rank_cls)
+        self.ranks = [remote.options(**plan.options("learner", r)).remote() for r in range(count)]
         addr, port = ray.get(self.ranks[0].address.remote())
-        ray.get([a.setup.remote(r, cfg.ranks, addr, port, policy, critic, cfg.actor.model_dump(),
-                                cfg.critic.model_dump(), temperature, seed)
-                 for r, a in enumerate(self.ranks)])
+        ray.get([a.setup.remote(r, count, addr, port, **setup_kwargs) for r, a in enumerate(self.ranks)])
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outs = ray.get([a.forward.remote(s) for a, s in zip(self.ranks, shard(batch, len(self.ranks)))])
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-
-    def train(self, batch: dict[str, torch.Tensor], algo: dict[str, Any], iteration: int) -> dict[str, float]:
-        outs = ray.get([a.train.remote(s, algo, iteration)
-                        for a, s in zip(self.ranks, shard(batch, len(self.ranks)))])
-        return {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}
+    def call_sharded(self, method: str, shards: list[Any], *args: Any) -> list[Any]:
+        """rank r runs method(shards[r], *args); the results in rank order."""
+        if len(shards) != len(self.ranks):
+            raise ValueError(f"{len(shards)} shards for {len(self.ranks)} learner ranks")
+        return ray.get([getattr(a, method).remote(s, *args) for a, s in zip(self.ranks, shards)])
 
     # weight sync sources (see rayalign.sync)
     def publish_buckets(self, bucket_bytes: int) -> tuple[list[BucketMeta], list[Any], int]:
@@ -76,3 +74,25 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for a in self.ranks:
             ray.kill(a)
+
+
+class LearnerGroup(RankGroup):
+    """PPO's learner group: every rank holds the actor and the critic (ActorCriticRank)."""
+
+    def __init__(self, plan: Any, cfg: LearnerGroupConfig, policy: str, critic: str, temperature: float = 1.0,
+                 seed: int = 0):
+        super().__init__(plan, cfg.ranks, ActorCriticRank, policy=policy, critic=critic,
+                         actor_cfg=cfg.actor.model_dump(), critic_cfg=cfg.critic.model_dump(),
+                         temperature=temperature, seed=seed)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outs = self.call_sharded("forward", shard(batch, len(self.ranks)))
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def train(self, batch: dict[str, torch.Tensor], algo: dict[str, Any], iteration: int) -> dict[str, float]:
+        outs = self.call_sharded("train", shard(batch, len(self.ranks)), algo, iteration)
+        return mean_metrics(outs)
+
+
+def mean_metrics(outs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}

@@ -15,6 +15,7 @@ from rayalign.config.core import load_config
 from rayalign.config.schema import (
     DataConfig,
     LearnerConfig,
+    PrefConfig,
     PretrainConfig,
     RLConfig,
     RMConfig,
@@ -29,6 +30,7 @@ from rayalign.merge.spec import MergeSpec
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.models.presets import build_preset, n_params, train_tokenizer
 from rayalign.recipes.ppo import run_rl
+from rayalign.recipes.preference import run_preference
 from rayalign.recipes.supervised import run_pretrain, run_rm, run_sft
 from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
 from rayalign.utils.logging import log
@@ -43,13 +45,19 @@ def uniform_soup(paths: list[Path], out: Path) -> Path:
     return out
 
 
+# SPO and DPO in the demo: the settings of the README's SPO-vs-DPO table (experiments/spo_vs_dpo.py)
+PREF_FULL = ["data.limit=1024", "epochs=1"]
+
+
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(preset="tiny", pretrain_docs=1500, pretrain_epochs=1.0, sft_per_prompt=2, sft_epochs=1.0,
                     pairs_per_prompt=2, rm_epochs=1.0, eval_prompts=16, eval_samples=1,
-                    rl=["steps=3", "prompts_per_step=16", "rollout.n=1", "rollout.max_new_tokens=16"])
+                    rl=["steps=3", "prompts_per_step=16", "rollout.n=1", "rollout.max_new_tokens=16"],
+                    pref=["data.limit=32", "pairs_per_step=16", "algo.kl_prompts=8", "rollout.max_new_tokens=16",
+                          "learner.actor.micro_batch_size=8"])
     return dict(preset="small", pretrain_docs=6000, pretrain_epochs=1.5, sft_per_prompt=8, sft_epochs=3.0,
-                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4, rl=[])
+                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4, rl=[], pref=PREF_FULL)
 
 
 def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: tuple[int, ...] = (0, 1),
@@ -134,6 +142,24 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
                 ray.shutdown()
         stage("ppo_salsa")
 
+    # 7. SPO (online global KL) and DPO from SFT-0 with pi_ref = SFT-0, on the same preference pairs
+    pref_summaries = {}
+    started = connect()
+    try:
+        for method in ("spo", "dpo"):
+            cfg = load_config(PrefConfig, "spo", [f"policy={sft_paths[0]}", f"output={out / method}",
+                                                  f"seed={world_seed}", f"world.seed={world_seed}",
+                                                  f"world.pairs_per_prompt={world.pairs_per_prompt}", *s["pref"]])
+            policy = run_preference(cfg, method, resume=resume)
+            pref_summaries[method] = json.loads((out / method / "summary.json").read_text())
+            gold(method, policy)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    stage("spo_dpo")
+
     summary = {
         "preset": s["preset"], "parameters": params, "quick": quick, "seeds": list(seeds),
         "eval_prompts": len(prompts), "samples_per_prompt": s["eval_samples"], "weights": world.weights,
@@ -141,7 +167,12 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
         "win_rate": {f"{p.name} vs base": win_rate(results[p.name], results["base"]) for p in sft_paths}
         | {f"soup vs {sft_paths[0].name}": win_rate(results["soup"], results[sft_paths[0].name])}
         | {f"{m} vs {sft_paths[0].name}": win_rate(results[m], results[sft_paths[0].name]) for m in rl_summaries}
-        | ({"salsa vs ppo": win_rate(results["salsa"], results["ppo"])} if len(rl_summaries) == 2 else {}),
+        | ({"salsa vs ppo": win_rate(results["salsa"], results["ppo"])} if len(rl_summaries) == 2 else {})
+        | {f"{m} vs {sft_paths[0].name}": win_rate(results[m], results[sft_paths[0].name]) for m in pref_summaries}
+        | {"spo vs dpo": win_rate(results["spo"], results["dpo"])},
+        "preference": {m: {"steps": v["steps"], "pairs_per_step": v["pairs_per_step"], "first": v["first"], "last": v["last"],
+                           "kl_time_share": v["kl_time_share"], "mean_times": v["mean_times"]}
+                       for m, v in pref_summaries.items()},
         "rl": {m: {"iterations": v["iterations"], "engine": v["engine"], "first": v["first"], "last": v["last"],
                    "mean_times": v["mean_times"], "kl_hack_alarms": v["kl_hack_alarms"]}
                for m, v in rl_summaries.items()},
@@ -183,6 +214,16 @@ def render_report(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} ({v['engine']}) | {v['iterations']} | {v['first']['reward/score']:.3f} -> "
                          f"{v['last']['reward/score']:.3f} | {v['last']['kl/sequence']:.2f} | "
                          f"{v['mean_times'].get('time/iteration', float('nan')):.1f} |")
+        lines.append("")
+    if summary.get("preference"):
+        lines += ["## SPO and DPO (from SFT-0, pi_ref = SFT-0, the same preference pairs, on Ray)", "",
+                  "| run | steps x pairs | pair accuracy first -> last | SPO global KL (online samples) | "
+                  "global KL share of step time | mean s/step |", "|---|---|---|---|---|---|"]
+        for m, v in summary["preference"].items():
+            kl = f"{v['first']['global_kl']:.2f} -> {v['last']['global_kl']:.2f}" if "global_kl" in v["last"] else "–"
+            share = f"{v['kl_time_share']:.0%}" if v["kl_time_share"] is not None else "–"
+            lines.append(f"| {m} | {v['steps']} x {v['pairs_per_step']} | {v['first']['accuracy']:.2f} -> "
+                         f"{v['last']['accuracy']:.2f} | {kl} | {share} | {v['mean_times']['time/step']:.2f} |")
         lines.append("")
     lines += ["## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in summary["timings_s"].items()]
     lines.append(f"- total: {summary['wall_time_s']:.0f} s")

@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError
 from tqdm.auto import tqdm
 
 from rayalign.config.core import dump_config
-from rayalign.config.schema import RLConfig
+from rayalign.config.schema import DataConfig, RLConfig
 from rayalign.data.loaders import load_rows
 from rayalign.data.tokenize import encode_prompt, response_batch
 from rayalign.distributed.cluster import connect
@@ -54,9 +53,7 @@ from rayalign.recipes.loop import batch_indices
 from rayalign.recipes.monitor import KLHackMonitor
 from rayalign.reference.worker import ReferenceActor
 from rayalign.reward.scorer import RewardActor
-from rayalign.rollout.worker import RolloutActor
-from rayalign.sync.collective import CollectiveSync
-from rayalign.sync.object_store import ObjectStoreSync
+from rayalign.rollout.fleet import RolloutFleet
 from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
 from rayalign.utils.logging import RunLogger, log
 from rayalign.world import build
@@ -90,17 +87,19 @@ def resolve_roles(cfg: RLConfig, method: str) -> RLConfig:
     return cfg
 
 
-def load_prompts(cfg: RLConfig) -> list[str]:
-    if cfg.prompts.source == "world":
-        splits = build.split_prompts(cfg.world.seed)
-        if cfg.prompts.split not in splits:
-            raise ValueError(f"prompts.split {cfg.prompts.split!r} is not a world split; use one of {sorted(splits)}")
-        prompts = splits[cfg.prompts.split]
+def load_prompts(data: DataConfig, world_seed: int, need: int = 1) -> list[str]:
+    """A prompt set: a split of the embedded world's prompts, or a dataset / file of prompt rows."""
+    if data.source == "world":
+        splits = build.split_prompts(world_seed)
+        if data.split not in splits:
+            raise ValueError(f"prompts.split {data.split!r} is not a world split; use one of {sorted(splits)}")
+        prompts = splits[data.split]
     else:
-        prompts = list(load_rows(cfg.prompts.source, "prompt", cfg.prompts.split, cfg.prompts.limit)["prompt"])
-    prompts = prompts[:cfg.prompts.limit] if cfg.prompts.limit else prompts
-    if len(prompts) < cfg.prompts_per_step:
-        raise ValueError(f"{len(prompts)} prompts is fewer than prompts_per_step={cfg.prompts_per_step}")
+        prompts = list(load_rows(data.source, "prompt", data.split, data.limit)["prompt"])
+    prompts = prompts[:data.limit] if data.limit else prompts
+    if len(prompts) < need:
+        raise ValueError(f"{len(prompts)} prompts in {data.source!r} ({data.split}) is fewer than the {need} "
+                         "a step samples")
     return prompts
 
 
@@ -127,70 +126,47 @@ class Roles:
     def __init__(self, cfg: RLConfig, plan: PlacementPlan):
         r = cfg.rollout
         self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic or cfg.policy, r.temperature, cfg.seed)
-        sampling = {"temperature": r.temperature, "top_p": r.top_p, "max_new_tokens": r.max_new_tokens, "n": r.n,
-                    "seed": cfg.seed}
-        workers = [RolloutActor.options(**plan.options("rollout", i), max_restarts=r.max_restarts)
-                   .remote(r.engine, cfg.policy, sampling) for i in range(r.workers)]
+        self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
+                                  learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed)
         scorers = [RewardActor.options(**plan.options("reward", i), max_restarts=cfg.reward.max_restarts)
                    .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights) for i in range(cfg.reward.workers)]
         refs = [ReferenceActor.options(**plan.options("reference", i), max_restarts=cfg.reference.max_restarts)
                 .remote(cfg.reference.models, cfg.reference.weights, r.temperature)
                 for i in range(cfg.reference.workers)]
-        bucket = int(cfg.sync.bucket_mb * 1024**2)
-        if cfg.sync.kind == "collective":
-            gpus = cfg.learner.resources.num_gpus > 0 and r.resources.num_gpus > 0
-            self.sync: Any = CollectiveSync(self.learners, workers, bucket, "nccl" if gpus else "gloo")
-        else:
-            self.sync = ObjectStoreSync(workers, bucket, source=self.learners)
-        self.rollout = ActorPool("rollout", workers, on_restart=self._resync)
+        self.rollout = self.fleet.pool
         self.reward = ActorPool("reward", scorers)
         self.reference = ActorPool("reference", refs)
-        self.engine = ray.get(workers[0].engine_name.remote())
+        self.engine = self.fleet.engine
         self.objectives = ray.get(scorers[0].objective_names.remote())
-        self.resyncs = 0
-
-    def _resync(self, i: int) -> None:
-        stats = self.sync.resync(i)
-        self.resyncs += 1
-        log.info("re-synced rollout worker %d: %.1f MB in %.2fs", i, stats.bytes / 1e6, stats.seconds)
 
     def push_weights(self) -> Any:
-        """The learner's weights to every rollout worker. A worker that dies during the object-store
-        sync is restarted by Ray and re-synced on its own; the others already hold the new weights."""
-        try:
-            return self.sync.push()
-        except (RayActorError, ActorUnavailableError) as exc:
-            if isinstance(self.sync, CollectiveSync):
-                raise
-            log.warning("a rollout worker failed during the weight sync (%s); recovering", type(exc).__name__)
-            back = self.rollout.recover_restarted()
-            if not back:
-                raise
-            return self.sync.push(workers=[w for i, w in enumerate(self.rollout.actors) if i not in back])
+        return self.fleet.push_weights()
 
     def close(self) -> None:
         self.learners.shutdown()
-        for pool in (self.rollout, self.reward, self.reference):
+        self.fleet.close()
+        for pool in (self.reward, self.reference):
             for a in pool.actors:
                 ray.kill(a, no_restart=True)
 
 
 # ---- run state -------------------------------------------------------------------------------------
 
-def _save_state(out: Path, roles: Roles, iteration: int, controller: dict[str, Any]) -> None:
-    """Learner states (actor, critic, optimisers) under tag iter<N>, then the controller's state,
-    written atomically last: a kill in between leaves the previous state the valid one."""
+def save_run_state(out: Path, learners: Any, iteration: int, controller: dict[str, Any]) -> None:
+    """Learner states (models, optimisers) under tag iter<N>, then the controller's state, written
+    atomically last: a kill in between leaves the previous state the valid one."""
     state = out / "state"
     tag = f"iter{iteration}"
-    roles.learners.save_state(str(state), {"iteration": iteration}, tag)
-    previous = _read_controller(out)
+    learners.save_state(str(state), {"iteration": iteration}, tag)
+    previous = read_controller(out)
     atomic_write_json(state / "controller.json", {**controller, "iteration": iteration, "tag": tag})
     if previous is not None and previous["tag"] != tag:
-        for part in ("actor", "critic"):
-            shutil.rmtree(state / part / previous["tag"], ignore_errors=True)
+        for part in state.iterdir():
+            if part.is_dir():
+                shutil.rmtree(part / previous["tag"], ignore_errors=True)
 
 
-def _read_controller(out: Path) -> dict[str, Any] | None:
+def read_controller(out: Path) -> dict[str, Any] | None:
     p = out / "state" / "controller.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
@@ -208,7 +184,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
     if (out / "policy").is_dir():
         log.info("%s: %s already finished; kept", method, out / "policy")
         return out / "policy"
-    prompts = load_prompts(cfg)
+    prompts = load_prompts(cfg.prompts, cfg.world.seed, cfg.prompts_per_step)
     tok = load_tokenizer(cfg.policy)
     encoded = [encode_prompt(tok, p) for p in prompts]
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +204,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
         moments = RunningMoments()
         monitor = KLHackMonitor(cfg.monitor)
         start = 0
-        saved = _read_controller(out) if resume else None
+        saved = read_controller(out) if resume else None
         if saved is not None:
             roles.learners.load_state(str(out / "state"), saved["tag"])
             kl_ctl.load_state_dict(saved["kl"])
@@ -318,7 +294,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
                             len=f"{metrics['response/length']:.1f}")
             stop = alarm is not None and alarm.stop
             if (cfg.save_every and (it + 1) % cfg.save_every == 0) or it + 1 == cfg.steps or stop:
-                _save_state(out, roles, it + 1, {"kl": kl_ctl.state_dict(), "moments": moments.state_dict(),
+                save_run_state(out, roles.learners, it + 1, {"kl": kl_ctl.state_dict(), "moments": moments.state_dict(),
                                                  "monitor": monitor.state_dict()})
             snapshot = out / "snapshots" / f"iter{it + 1}"
             if cfg.snapshot_every and (it + 1) % cfg.snapshot_every == 0 and not snapshot.exists():

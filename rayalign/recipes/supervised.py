@@ -20,7 +20,7 @@ import torch
 from rayalign.config.core import dump_config
 from rayalign.config.schema import DataConfig, PretrainConfig, RMConfig, SFTConfig, WorldConfig
 from rayalign.data.loaders import load_rows
-from rayalign.data.tokenize import collate_lm, collate_pairs, encode_conversation, encode_sft
+from rayalign.data.tokenize import collate_lm, collate_pairs, encode_pair, encode_sft
 from rayalign.learner.dist import barrier, is_rank0
 from rayalign.learner.engine import Learner
 from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_objective
@@ -146,11 +146,11 @@ def preference_rows(data: DataConfig, world_cfg: WorldConfig, objectives: str, s
     return ds.select(range(min(data.limit, len(ds)))) if data.limit else ds
 
 
-def _encode_pairs(tok: Any, rows: Any, max_len: int) -> list[dict[str, Any]]:
+def encode_pairs(tok: Any, rows: Any, max_len: int) -> list[dict[str, Any]]:
+    """Preference rows as token ids (reward models, SPO/DPO/IPO); keeps a row's objective index."""
     out = []
     for r in rows:
-        e = {"chosen_ids": encode_conversation(tok, r["chosen"], max_len)["input_ids"],
-             "rejected_ids": encode_conversation(tok, r["rejected"], max_len)["input_ids"]}
+        e = encode_pair(tok, r, max_len)
         if r.get("objective") is not None:
             e["objective"] = r["objective"]
         out.append(e)
@@ -202,8 +202,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         split = preference_rows(cfg.data, cfg.world, cfg.objectives, cfg.data.split).train_test_split(
             test_size=cfg.eval_fraction, seed=cfg.learner.seed)
         train_rows, eval_rows = split["train"], split["test"]
-    train = _encode_pairs(tok, train_rows, cfg.data.max_seq_len)
-    held = _encode_pairs(tok, eval_rows, cfg.data.max_seq_len)
+    train = encode_pairs(tok, train_rows, cfg.data.max_seq_len)
+    held = encode_pairs(tok, eval_rows, cfg.data.max_seq_len)
     _, total = plan_steps(len(train), cfg.learner, cfg.epochs, _world_size())
     learner = Learner(model, cfg.learner, total)
     logger = RunLogger(out / "logs", "rm/", enabled=is_rank0())

@@ -1,0 +1,70 @@
+"""The rollout workers of a run with their weight sync: created in the placement plan's bundles,
+kept in an ActorPool that restarts and re-syncs a dead worker, and fed the learner group's
+weights through the object store or a bucketed collective broadcast.
+
+    fleet = RolloutFleet(plan, cfg.rollout, cfg.sync, cfg.policy, learners, seed=0)
+    fleet.push_weights()                                  # learner -> every worker, timed
+    outs = fleet.generate(prompt_ids, sampling)           # balanced across workers
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from rayalign.config.schema import RolloutConfig, SyncConfig
+from rayalign.distributed.pool import ActorPool
+from rayalign.rollout.worker import RolloutActor
+from rayalign.sync.collective import CollectiveSync
+from rayalign.sync.object_store import ObjectStoreSync, SyncStats
+from rayalign.utils.logging import log
+
+
+class RolloutFleet:
+    def __init__(self, plan: Any, cfg: RolloutConfig, sync: SyncConfig, policy: str, learners: Any,
+                 learner_gpus: float = 0.0, seed: int = 0):
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                    "n": cfg.n, "seed": seed}
+        workers = [RolloutActor.options(**plan.options("rollout", i), max_restarts=cfg.max_restarts)
+                   .remote(cfg.engine, policy, sampling) for i in range(cfg.workers)]
+        bucket = int(sync.bucket_mb * 1024**2)
+        if sync.kind == "collective":
+            gpus = learner_gpus > 0 and cfg.resources.num_gpus > 0
+            self.sync: Any = CollectiveSync(learners, workers, bucket, "nccl" if gpus else "gloo")
+        else:
+            self.sync = ObjectStoreSync(workers, bucket, source=learners)
+        self.pool = ActorPool("rollout", workers, on_restart=self._resync)
+        self.engine = ray.get(workers[0].engine_name.remote())
+        self.resyncs = 0
+
+    @property
+    def restarts(self) -> int:
+        return self.pool.restarts
+
+    def _resync(self, i: int) -> None:
+        stats = self.sync.resync(i)
+        self.resyncs += 1
+        log.info("re-synced rollout worker %d: %.1f MB in %.2fs", i, stats.bytes / 1e6, stats.seconds)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.pool.map("generate", prompt_ids, sampling)
+
+    def push_weights(self) -> SyncStats:
+        """The learner's weights to every rollout worker. A worker that dies during the object-store
+        sync is restarted by Ray and re-synced on its own; the others already hold the new weights."""
+        try:
+            return self.sync.push()
+        except (RayActorError, ActorUnavailableError) as exc:
+            if isinstance(self.sync, CollectiveSync):
+                raise
+            log.warning("a rollout worker failed during the weight sync (%s); recovering", type(exc).__name__)
+            back = self.pool.recover_restarted()
+            if not back:
+                raise
+            return self.sync.push(workers=[w for i, w in enumerate(self.pool.actors) if i not in back])
+
+    def close(self) -> None:
+        for a in self.pool.actors:
+            ray.kill(a, no_restart=True)
