@@ -34,6 +34,29 @@ def run_cli(*args: str, check: bool = True, timeout: float = 900,
     return proc
 
 
+def run_cli_killed_after_save(args: list[str], out: Path, iteration: int, log_path: Path,
+                              timeout: float = 600) -> None:
+    """Start `rayalign ARGS` and SIGKILL its whole process group (Ray included) once the run has
+    saved its state at `iteration` (OUT/state/controller.json): a hard crash mid-run."""
+    import json
+    import signal
+    import time
+
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *args], cwd=ROOT, env=cli_env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        controller = out / "state" / "controller.json"
+        deadline = time.monotonic() + timeout
+        try:
+            while not (controller.is_file() and json.loads(controller.read_text())["iteration"] == iteration):
+                assert proc.poll() is None, log_path.read_text()[-4000:]
+                assert time.monotonic() < deadline, f"no saved state after {timeout:g} s"
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def hf_greedy(model, tok, prompts: list[list[int]], max_new_tokens: int = 12) -> list[list[int]]:
     """transformers' greedy continuation of each tokenised prompt: the reference for rollout engines."""
     import torch

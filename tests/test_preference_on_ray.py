@@ -4,11 +4,6 @@ and a soup pi_ref, a vLLM rollout worker drawing SPO's online samples and killed
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import ray
@@ -17,7 +12,7 @@ from safetensors.torch import load_file
 
 from rayalign.config.schema import PrefConfig
 from rayalign.recipes.loop import batch_indices
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import run_cli, run_cli_killed_after_save
 
 
 @pytest.fixture(scope="module")
@@ -105,19 +100,7 @@ def _args(demo, out):
 
 def test_spo_killed_mid_run_resumes_with_the_same_pairs_and_samples(quick_demo, tmp_path):
     out = tmp_path / "spo"
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *_args(quick_demo, out)], cwd=ROOT,
-                            env=cli_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    controller = out / "state" / "controller.json"
-    deadline = time.monotonic() + 600
-    try:
-        while not (controller.is_file() and json.loads(controller.read_text())["iteration"] == 2):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no saved state after 600 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    run_cli_killed_after_save(_args(quick_demo, out), out, 2, tmp_path / "first.log")
     assert not (out / "policy").exists()
     resumed = run_cli(*_args(quick_demo, out), "--resume")
     assert "resuming at step 2/6" in resumed.stdout + resumed.stderr

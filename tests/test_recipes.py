@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from rayalign.recipes.loop import batch_indices

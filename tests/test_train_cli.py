@@ -3,17 +3,12 @@ run is killed (SIGKILL to its whole process group) after its second saved iterat
 `--resume`, and must continue from the saved step with the same data order."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 
 from rayalign.recipes.loop import batch_indices
 from rayalign.world.build import split_prompts
-from tests.conftest import ROOT, cli_env, run_cli
+from tests.conftest import run_cli, run_cli_killed_after_save
 
 PROMPTS_PER_STEP = 8
 
@@ -28,19 +23,7 @@ def _args(demo, out, *extra: str) -> list[str]:
 
 def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
     out = tmp_path / "salsa"
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *_args(quick_demo, out)], cwd=ROOT, env=cli_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    controller = out / "state" / "controller.json"
-    deadline = time.monotonic() + 600
-    try:
-        while not (controller.is_file() and json.loads(controller.read_text())["iteration"] == 2):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no saved state after 600 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    run_cli_killed_after_save(_args(quick_demo, out), out, 2, tmp_path / "first.log")
     assert not (out / "policy").exists()
 
     resumed = run_cli(*_args(quick_demo, out), "--resume")

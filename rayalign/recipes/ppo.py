@@ -166,6 +166,15 @@ def save_run_state(out: Path, learners: Any, iteration: int, controller: dict[st
                 shutil.rmtree(part / previous["tag"], ignore_errors=True)
 
 
+def finish_run(out: Path, learners: Any, summary: dict[str, Any], text: str, extra: dict[str, Any]) -> Path:
+    """The final policy (OUTPUT/policy) and OUTPUT/summary.json; the resumable state goes."""
+    learners.save_policy(str(out / "policy"), extra=extra)
+    atomic_write_json(out / "summary.json", summary)
+    print(text, flush=True)
+    shutil.rmtree(out / "state", ignore_errors=True)
+    return out / "policy"
+
+
 def read_controller(out: Path) -> dict[str, Any] | None:
     p = out / "state" / "controller.json"
     return json.loads(p.read_text()) if p.is_file() else None
@@ -305,11 +314,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
                 log.warning("%s: stopped at iteration %d by the KL-hack monitor", method, it + 1)
                 break
         summary = _summary(method, cfg, history, monitor, roles)
-        roles.learners.save_policy(str(out / "policy"), extra={"stage": method, **summary})
-        atomic_write_json(out / "summary.json", summary)
-        print(_format_summary(summary), flush=True)
-        shutil.rmtree(out / "state", ignore_errors=True)
-        return out / "policy"
+        return finish_run(out, roles.learners, summary, _format_summary(summary), {"stage": method, **summary})
     finally:
         logger.close()
         if roles is not None:

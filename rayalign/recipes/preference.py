@@ -23,7 +23,6 @@ interrupted refresh cycle with the very same samples and pairs.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +40,10 @@ from rayalign.distributed.placement import PlacementPlan, RoleDemand
 from rayalign.learner.preference import PreferenceGroup
 from rayalign.models.checkpoint import check_dir, is_local, load_tokenizer
 from rayalign.recipes.loop import batch_indices
-from rayalign.recipes.ppo import gold_of, load_prompts, read_controller, save_run_state, timed
+from rayalign.recipes.ppo import finish_run, gold_of, load_prompts, read_controller, save_run_state, timed
 from rayalign.recipes.supervised import encode_pairs, preference_rows
 from rayalign.rollout.fleet import RolloutFleet
-from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
+from rayalign.utils.io import OutputExistsError, atomic_write_text
 from rayalign.utils.logging import RunLogger, log
 
 METHODS = ("spo", "dpo", "ipo")
@@ -200,11 +199,7 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
             if on_step is not None:
                 on_step(step + 1, metrics, fleet)
         summary = _summary(method, cfg, history, fleet, len(examples))
-        group.save_policy(str(out / "policy"), extra={"stage": method, "steps": total})
-        atomic_write_json(out / "summary.json", summary)
-        print(_format_summary(summary), flush=True)
-        shutil.rmtree(out / "state", ignore_errors=True)
-        return out / "policy"
+        return finish_run(out, group, summary, _format_summary(summary), {"stage": method, "steps": total})
     finally:
         logger.close()
         if fleet is not None:
