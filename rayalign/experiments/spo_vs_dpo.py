@@ -153,14 +153,23 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", type=Path, required=True, help="a demo run directory (with sft/sft-0)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 1.0, 4.0], help="alpha sweep (seed 0)")
+    p.add_argument("--alphas", type=_floats, default=[0.25, 1.0, 4.0],
+                   help="comma-separated alpha sweep on the first seed (default 0.25,1,4)")
     p.add_argument("--kl-coef", type=float, default=0.1)
     p.add_argument("--prompts", type=int, default=33, help="held-out test prompts")
     p.add_argument("--samples", type=int, default=4, help="samples per held-out prompt")
