@@ -19,7 +19,7 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
         assert (quick_demo / d / "model.safetensors").is_file(), d
         assert (quick_demo / d / "tokenizer.json").is_file(), d
     results = json.loads((quick_demo / "results.json").read_text())
-    assert set(results["gold"]) == {"random-init", "base", "sft-0", "sft-1", "soup", "ppo", "salsa"}
+    assert set(results["gold"]) == {"random-init", "base", "sft-0", "sft-1", "soup", "ppo", "salsa", "spo", "dpo"}
     assert set(results["rl"]) == {"ppo", "salsa"} and "salsa vs ppo" in results["win_rate"]
     for m in ("ppo", "salsa"):
         assert results["rl"][m]["iterations"] == 3 and results["rl"][m]["engine"] == "vllm"
@@ -32,6 +32,11 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     assert "| sft-0 |" in report and "Held-out pair accuracy" in report
     assert "## PPO and SALSA" in report and "| salsa (vllm) | 3 |" in report
     assert "![gold rewards](gold_rewards.png)" in report
+    # SPO (online global KL) and DPO stages
+    assert set(results["preference"]) == {"spo", "dpo"} and "spo vs dpo" in results["win_rate"]
+    assert results["preference"]["spo"]["steps"] == 2 and "global_kl" in results["preference"]["spo"]["last"]
+    assert results["preference"]["dpo"]["kl_time_share"] is None
+    assert "## SPO and DPO" in report and "| spo | 2 x 16 |" in report
     assert (quick_demo / "gold_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resolved configs are saved; no temporary or resume state is left behind
     assert (quick_demo / "sft" / "config.yaml").is_file() and (quick_demo / "rm" / "config.yaml").is_file()
