@@ -54,7 +54,7 @@ from rayalign.recipes.monitor import KLHackMonitor
 from rayalign.reference.worker import ReferenceActor
 from rayalign.reward.scorer import RewardActor
 from rayalign.rollout.fleet import RolloutFleet
-from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
+from rayalign.utils.io import atomic_write_json, atomic_write_text, claim_output
 from rayalign.utils.logging import RunLogger, log
 from rayalign.world import build
 from rayalign.world.gold import OBJECTIVES, gold_vector
@@ -77,14 +77,28 @@ def resolve_roles(cfg: RLConfig, method: str) -> RLConfig:
     if cfg.critic is None:
         updates["critic"] = cfg.reward.model if cfg.reward.kind == "model" else cfg.policy
     cfg = cfg.model_copy(update=updates)
-    for what, path in [("policy", cfg.policy), ("critic", cfg.critic), ("reward.model", cfg.reward.model),
-                       *[("reference.models", m) for m in cfg.reference.models]]:
+    check_model_paths([("policy", cfg.policy), ("critic", cfg.critic), ("reward.model", cfg.reward.model),
+                       *[("reference.models", m) for m in cfg.reference.models]])
+    return cfg
+
+
+def check_model_paths(named: list[tuple[str, str | None]]) -> None:
+    """Every local model directory a run names exists and holds a model; the error names the key."""
+    for what, path in named:
         if path and is_local(path):
             try:
                 check_dir(path)
             except Exception as exc:
                 raise ValueError(f"{what}: {exc}") from None
-    return cfg
+
+
+def finished_policy(out: Path, method: str, resume: bool) -> Path | None:
+    """Claim OUTPUT for a run; the final policy if that run already finished (resume keeps it)."""
+    claim_output(out, resume)
+    if (out / "policy").is_dir():
+        log.info("%s: %s already finished; kept", method, out / "policy")
+        return out / "policy"
+    return None
 
 
 def load_prompts(data: DataConfig, world_seed: int, need: int = 1) -> list[str]:
@@ -187,12 +201,9 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
     """Train with PPO or SALSA; returns the directory of the final policy (OUTPUT/policy)."""
     cfg = resolve_roles(cfg, method)
     out = Path(cfg.output)
-    if out.exists() and not resume:
-        raise OutputExistsError(f"output already exists: {out} (pass --resume to continue that run, "
-                                "or choose another output)")
-    if (out / "policy").is_dir():
-        log.info("%s: %s already finished; kept", method, out / "policy")
-        return out / "policy"
+    done = finished_policy(out, method, resume)
+    if done is not None:
+        return done
     prompts = load_prompts(cfg.prompts, cfg.world.seed, cfg.prompts_per_step)
     tok = load_tokenizer(cfg.policy)
     encoded = [encode_prompt(tok, p) for p in prompts]

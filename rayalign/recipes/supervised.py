@@ -27,7 +27,7 @@ from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_obj
 from rayalign.losses.sft import causal_lm_loss
 from rayalign.models.checkpoint import is_local, check_dir, load_causal_lm, load_reward_model, load_tokenizer
 from rayalign.recipes.loop import fit, plan_steps, world
-from rayalign.utils.io import OutputExistsError, atomic_write_text
+from rayalign.utils.io import atomic_write_text, claim_output
 from rayalign.utils.logging import RunLogger, log
 from rayalign.world import build
 from rayalign.world.gold import OBJECTIVES
@@ -39,12 +39,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _claim_output(out: Path, resume: bool) -> None:
-    """Refuse to overwrite a finished output unless resuming (then it is kept as it is)."""
-    if out.exists() and not resume:
-        raise OutputExistsError(f"output already exists: {out} (pass --resume to continue that run, or choose another output)")
-
-
 def _lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return causal_lm_loss(logits, batch["labels"]), {}
@@ -54,7 +48,7 @@ def _lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.output)
-    _claim_output(out, resume)
+    claim_output(out, resume)
     if (out / "model").is_dir():
         log.info("pretrain: %s already finished; kept", out / "model")
         return out / "model"
@@ -91,7 +85,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
     """Train one SFT model per seed from the same base: OUTPUT/sft-SEED. Seeds change the data
     order (and any sampling), so the models are independent runs in one basin."""
     out = Path(cfg.output)
-    _claim_output(out, resume)
+    claim_output(out, resume)
     load_tokenizer(check_dir(cfg.base) if is_local(cfg.base) else cfg.base)  # fail before writing anything
     rows = sft_rows(cfg.data, cfg.world)
     _write_config(out, cfg)
@@ -188,7 +182,7 @@ def rm_accuracy(model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: 
 
 def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     out = Path(cfg.output)
-    _claim_output(out, resume)
+    claim_output(out, resume)
     if (out / "model").is_dir():
         log.info("rm: %s already finished; kept", out / "model")
         return out / "model"

@@ -16,6 +16,12 @@ class OutputExistsError(FileExistsError):
     """Raised instead of silently overwriting an existing output."""
 
 
+def claim_output(out: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing output unless resuming (then it is kept as it is)."""
+    if out.exists() and not resume:
+        raise OutputExistsError(f"output already exists: {out} (pass --resume to continue that run, or choose another output)")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it is renamed to `target`.
