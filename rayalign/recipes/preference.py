@@ -22,6 +22,7 @@ interrupted refresh cycle with the very same samples and pairs.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -37,13 +38,23 @@ from rayalign.config.schema import PrefConfig
 from rayalign.data.tokenize import collate_preference, encode_prompt, response_batch
 from rayalign.distributed.cluster import connect
 from rayalign.distributed.placement import PlacementPlan, RoleDemand
+from rayalign.learner.group import shard
 from rayalign.learner.preference import PreferenceGroup
-from rayalign.models.checkpoint import check_dir, is_local, load_tokenizer
+from rayalign.models.checkpoint import load_tokenizer
 from rayalign.recipes.loop import batch_indices
-from rayalign.recipes.ppo import finish_run, gold_of, load_prompts, read_controller, save_run_state, timed
+from rayalign.recipes.ppo import (
+    check_model_paths,
+    finish_run,
+    finished_policy,
+    gold_of,
+    load_prompts,
+    read_controller,
+    save_run_state,
+    timed,
+)
 from rayalign.recipes.supervised import encode_pairs, preference_rows
 from rayalign.rollout.fleet import RolloutFleet
-from rayalign.utils.io import OutputExistsError, atomic_write_text
+from rayalign.utils.io import atomic_write_json, atomic_write_text
 from rayalign.utils.logging import RunLogger, log
 
 METHODS = ("spo", "dpo", "ipo")
@@ -54,12 +65,7 @@ def resolve(cfg: PrefConfig, method: str) -> PrefConfig:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     if not cfg.reference.models:
         cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"models": [cfg.policy]})})
-    for what, path in [("policy", cfg.policy), *[("reference.models", m) for m in cfg.reference.models]]:
-        if is_local(path):
-            try:
-                check_dir(path)
-            except Exception as exc:
-                raise ValueError(f"{what}: {exc}") from None
+    check_model_paths([("policy", cfg.policy), *[("reference.models", m) for m in cfg.reference.models]])
     return cfg
 
 
@@ -79,12 +85,6 @@ def placement(cfg: PrefConfig, online: bool) -> PlacementPlan:
     return PlacementPlan.build(demands, [g for g in colocate if len(g) > 1], cfg.placement.strategy)
 
 
-def split_rows(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    n = batch["input_ids"].shape[0]
-    k = n // parts
-    return [{key: v[i * k:(i + 1) * k] for key, v in batch.items()} for i in range(parts)]
-
-
 def step_batches(examples: list[dict[str, Any]], idx: np.ndarray, pad_id: int, ranks: int, grad_accum: int,
                  kl_batch: dict[str, torch.Tensor] | None) -> list[list[dict[str, torch.Tensor]]]:
     """The step's pairs (and online samples) as ranks x grad_accum micro-batches."""
@@ -92,7 +92,7 @@ def step_batches(examples: list[dict[str, Any]], idx: np.ndarray, pad_id: int, r
     size = len(idx) // parts
     micro = [collate_preference([examples[i] for i in idx[j * size:(j + 1) * size]], pad_id) for j in range(parts)]
     if kl_batch is not None:
-        for mb, kl in zip(micro, split_rows(kl_batch, parts)):
+        for mb, kl in zip(micro, shard(kl_batch, parts)):
             mb.update({f"kl_{k}": v for k, v in kl.items()})
     return [micro[r * grad_accum:(r + 1) * grad_accum] for r in range(ranks)]
 
@@ -102,12 +102,9 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
     """Train with SPO, DPO or IPO; returns the directory of the final policy (OUTPUT/policy)."""
     cfg = resolve(cfg, method)
     out = Path(cfg.output)
-    if out.exists() and not resume:
-        raise OutputExistsError(f"output already exists: {out} (pass --resume to continue that run, "
-                                "or choose another output)")
-    if (out / "policy").is_dir():
-        log.info("%s: %s already finished; kept", method, out / "policy")
-        return out / "policy"
+    done = finished_policy(out, method, resume)
+    if done is not None:
+        return done
     tok = load_tokenizer(cfg.policy)
     rows = preference_rows(cfg.data, cfg.world, "combined", cfg.data.split)
     examples = encode_pairs(tok, rows, cfg.data.max_seq_len)
@@ -142,11 +139,17 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
         if saved is not None:
             group.load_state(str(out / "state"), saved["tag"])
             start = int(saved["iteration"])
-            if (out / "state" / "kl_samples.pt").is_file():
-                samples = torch.load(out / "state" / "kl_samples.pt")
+            if (out / "state" / "kl_samples.json").is_file():
+                samples = json.loads((out / "state" / "kl_samples.json").read_text())
             log.info("%s: resuming at step %d/%d", method, start, total)
         if resume:
             logger.truncate(start)
+
+        def padded(s: dict[str, Any] | None) -> dict[str, torch.Tensor] | None:
+            """The online samples as one padded batch, built once per refresh."""
+            return None if s is None else response_batch(s["prompt_ids"], s["response_ids"], tok.pad_token_id)
+
+        kl_batch = padded(samples)
         log.info("%s: %d pairs, %d steps of %d pairs; reference %s; online KL: %s", method, len(examples), total, B,
                  group.describe_reference(), f"{P} prompts x {cfg.rollout.n} every {cfg.algo.kl_every} steps, "
                  f"{fleet.engine} rollouts" if fleet else "off")
@@ -169,18 +172,12 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
                 samples = {"refresh": refresh, "prompts": [prompts[i] for i in np.repeat(idx, cfg.rollout.n)],
                            "prompt_ids": [o["prompt_ids"] for o in outs],
                            "response_ids": [o["response_ids"] or [tok.eos_token_id] for o in outs]}
-                (out / "state").mkdir(exist_ok=True)
-                tmp = out / "state" / "kl_samples.pt.tmp"
-                torch.save(samples, tmp)
-                tmp.replace(out / "state" / "kl_samples.pt")
+                atomic_write_json(out / "state" / "kl_samples.json", samples)
+                kl_batch = padded(samples)
                 metrics.update({**stats.as_metrics(), "kl/refreshed": 1.0})
                 gold = gold_of(samples["prompts"], tok.batch_decode(samples["response_ids"], skip_special_tokens=True))
                 if gold is not None:
                     metrics["gold/online_combined"] = float((gold @ np.asarray(cfg.world.weights)).mean())
-            kl_batch = None
-            if samples is not None:
-                kl_batch = response_batch(samples["prompt_ids"], samples["response_ids"], tok.pad_token_id)
-                kl_batch = {k: kl_batch[k] for k in ("input_ids", "attention_mask", "response_mask")}
             idx = batch_indices(len(examples), cfg.seed, step, per_epoch, B)
             shards = step_batches(examples, idx, tok.pad_token_id, cfg.learner.ranks, lc.grad_accum, kl_batch)
             with timed(times, "train"):
