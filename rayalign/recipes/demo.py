@@ -123,11 +123,13 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
     stage("reward_model")
 
     # 6. PPO (pi_ref = SFT-0) and SALSA (pi_ref = soup of the SFT seeds), both from SFT-0, on Ray,
-    #    rewarded by the gold functions (the reward model above is a weaker proxy: see its accuracy)
-    rl_summaries = {}
-    if len(sft_paths) >= 2:
-        started = connect()
-        try:
+    #    rewarded by the gold functions (the reward model above is a weaker proxy: see its accuracy);
+    # 7. SPO (online global KL) and DPO from SFT-0 with pi_ref = SFT-0, on the same preference pairs.
+    #    One Ray serves both stages.
+    rl_summaries, pref_summaries = {}, {}
+    started = connect()
+    try:
+        if len(sft_paths) >= 2:
             for method in ("ppo", "salsa"):
                 refs = ",".join(str(p) for p in sft_paths) if method == "salsa" else ""
                 cfg = load_config(RLConfig, method, [f"policy={sft_paths[0]}", f"output={out / method}",
@@ -135,17 +137,7 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
                 policy = run_rl(cfg, method, resume=resume)
                 rl_summaries[method] = json.loads((out / method / "summary.json").read_text())
                 gold(method, policy)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
-        stage("ppo_salsa")
-
-    # 7. SPO (online global KL) and DPO from SFT-0 with pi_ref = SFT-0, on the same preference pairs
-    pref_summaries = {}
-    started = connect()
-    try:
+            stage("ppo_salsa")
         for method in ("spo", "dpo"):
             cfg = load_config(PrefConfig, "spo", [f"policy={sft_paths[0]}", f"output={out / method}",
                                                   f"seed={world_seed}", f"world.seed={world_seed}",
@@ -153,12 +145,12 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
             policy = run_preference(cfg, method, resume=resume)
             pref_summaries[method] = json.loads((out / method / "summary.json").read_text())
             gold(method, policy)
+        stage("spo_dpo")
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    stage("spo_dpo")
 
     summary = {
         "preset": s["preset"], "parameters": params, "quick": quick, "seeds": list(seeds),

@@ -37,7 +37,6 @@ class RolloutFleet:
             self.sync = ObjectStoreSync(workers, bucket, source=learners)
         self.pool = ActorPool("rollout", workers, on_restart=self._resync)
         self.engine = ray.get(workers[0].engine_name.remote())
-        self.resyncs = 0
 
     @property
     def restarts(self) -> int:
@@ -45,7 +44,6 @@ class RolloutFleet:
 
     def _resync(self, i: int) -> None:
         stats = self.sync.resync(i)
-        self.resyncs += 1
         log.info("re-synced rollout worker %d: %.1f MB in %.2fs", i, stats.bytes / 1e6, stats.seconds)
 
     def generate(self, prompt_ids: list[list[int]], sampling: dict[str, Any]) -> list[dict[str, Any]]:
