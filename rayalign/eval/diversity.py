@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayalign.data.tokenize import encode_prompt, response_batch
+from rayalign.eval.kl import sampled_batches
 from rayalign.losses.ppo import entropy
-from rayalign.rollout.engine import SamplingConfig, hf_generate
 
 
 @dataclass
@@ -30,14 +29,9 @@ def diversity(model: Any, tok: Any, prompts: list[str], n: int = 8, max_new_toke
     if n < 2:
         raise ValueError("diversity needs at least 2 samples per prompt")
     model.eval()
-    torch.manual_seed(seed)
-    rollouts = hf_generate(model, tok, [encode_prompt(tok, p) for p in prompts],
-                           SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, n=n), batch_size)
+    rollouts, batches = sampled_batches(model, tok, prompts, n, max_new_tokens, 1.0, seed, batch_size)
     ents, weights = [], []
-    for b in range(0, len(rollouts), batch_size):
-        chunk = rollouts[b:b + batch_size]
-        batch = response_batch([r.prompt_ids for r in chunk], [r.response_ids or [tok.eos_token_id] for r in chunk],
-                               tok.pad_token_id)
+    for batch in batches:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["response_mask"]
         ents.append(float(entropy(logits[:, :-1], mask)))
