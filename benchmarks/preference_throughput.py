@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from peers import ROOT, peer_python
+from peers import ROOT, peer_python, run_peer_script, small_model
 
 from rayalign.utils.env import cpu_defaults
 
@@ -58,15 +56,6 @@ trainer = DPOTrainer(model=a["model"], args=cfg, train_dataset=ds, processing_cl
 trainer.train()
 print("RESULT " + json.dumps({"step_times": list(np.diff(clock.t))}))
 '''
-
-
-def small_model(work: Path) -> Path:
-    from rayalign.models.presets import build_preset, train_tokenizer
-
-    path = work / "small"
-    if not path.is_dir():
-        build_preset("small", path, train_tokenizer(0))
-    return path
 
 
 def world_pairs(n: int) -> list[dict]:
@@ -114,12 +103,7 @@ def trl_dpo(work: Path, model: Path, pairs: int, steps: int, beta: float) -> dic
     data.write_text("".join(json.dumps(r) + "\n" for r in world_pairs(pairs * steps)))
     args = {"model": str(model), "pairs": str(data), "batch": pairs, "lr": 1e-4, "beta": beta, "max_length": 96,
             "steps": steps, "out": str(work / "trl-dpo-run")}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([str(py), "-c", TRL_SCRIPT, json.dumps(args)], capture_output=True, text=True, env=env,
-                          check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"TRL DPO run failed:\n{proc.stderr[-4000:]}")
-    times = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])["step_times"][1:]
+    times = run_peer_script(py, TRL_SCRIPT, args, "TRL DPO run")["step_times"][1:]
     return {"steps": len(times), "seconds_per_step": sum(times) / len(times), "pairs_per_s": len(times) * pairs / sum(times)}
 
 

@@ -24,25 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
-from peers import ROOT, peer_python
+from peers import ROOT, peer_python, run_peer_script, small_model
 
 from rayalign.utils.env import cpu_defaults
 
 cpu_defaults(ROOT)
-
-
-def small_model(work: Path) -> Path:
-    from rayalign.models.presets import build_preset, train_tokenizer
-
-    path = work / "small"
-    if not path.is_dir():
-        build_preset("small", path, train_tokenizer(0))
-    return path
 
 
 def big_model(work: Path, mb: float) -> Path:
@@ -242,11 +231,7 @@ def bench_ppo(work: Path, model: Path, prompts: int, n: int, max_new_tokens: int
     args = {"model": str(model), "prompts": world_prompts(prompts * steps), "batch": prompts * n, "n": n,
             "max_new_tokens": max_new_tokens, "steps": steps, "beta": beta, "out": str(work / "trl-run"),
             "weights": [0.6, 0.2, 0.2]}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([str(py), "-c", TRL_SCRIPT, json.dumps(args)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"TRL run failed:\n{proc.stderr[-4000:]}")
-    res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    res = run_peer_script(py, TRL_SCRIPT, args, "TRL RLOO run")
     times, lengths = res["step_times"][1:], res["lengths"][1:len(res["step_times"])]
     trl_t = sum(times)
     trl = {"samples_per_s": len(times) * prompts * n / trl_t,
