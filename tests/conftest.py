@@ -70,6 +70,17 @@ def hf_greedy(model, tok, prompts: list[list[int]], max_new_tokens: int = 12) ->
     return out
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray of 2 CPUs for one test module (modules that start Ray through the CLI
+    must not share it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quick demo, run once: OUT/presets/tiny, OUT/base/model, OUT/sft/sft-{0,1}, OUT/soup, OUT/rm/model.

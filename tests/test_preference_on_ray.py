@@ -15,13 +15,6 @@ from rayalign.recipes.loop import batch_indices
 from tests.conftest import run_cli, run_cli_killed_after_save
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(demo, out, **over):
     sft0, sft1 = str(demo / "sft" / "sft-0"), str(demo / "sft" / "sft-1")
     cfg = {"policy": sft0, "output": str(out), "data": {"limit": 64}, "pairs_per_step": 16, "save_every": 0,

@@ -1,7 +1,6 @@
 """On a real local Ray: a vLLM rollout actor, and weight sync through the object store in
 buckets. After a sync the actor generates exactly the learner's transformers greedy tokens."""
 
-import pytest
 import ray
 
 from rayalign.data.tokenize import encode_prompt
@@ -11,13 +10,6 @@ from rayalign.sync.object_store import ObjectStoreSync
 from tests.conftest import hf_greedy
 
 PROMPTS = ["what colour is the apple ?", "describe the bee .", "where does the crab live ?"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_object_store_sync_then_rollout_equals_learner_greedy(quick_demo, local_ray):

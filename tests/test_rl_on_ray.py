@@ -4,7 +4,6 @@ rollout actor killed and brought back, and a whole SALSA run that survives kille
 
 import json
 
-import pytest
 import ray
 
 from rayalign.config.schema import RLConfig
@@ -21,13 +20,6 @@ from tests.conftest import hf_greedy
 PROMPTS = ["what colour is the apple ?", "describe the bee .", "where does the crab live ?",
            "how big is the owl ?"]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12, "n": 1, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _rl_cfg(demo, out, **over):
