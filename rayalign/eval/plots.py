@@ -83,6 +83,33 @@ def xy_lines(series: dict[str, tuple[list[float], list[float]]], out: str | Path
     return _finish(fig, ax, out, xlabel, ylabel, title)
 
 
+def pareto_fronts(fronts: dict[str, np.ndarray], names: list[str], out: str | Path, title: str,
+                  points: dict[str, np.ndarray] | None = None, reference: np.ndarray | None = None) -> Path:
+    """Each method's front (its models over the preference grid, joined in grid order) in objective
+    space; with three or more objectives, one panel per pair. `points` marks single models (e.g. SFT)."""
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.2), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        for name, f in fronts.items():
+            f = np.asarray(f)
+            ax.plot(f[:, i], f[:, j], marker="o", markersize=3.5, label=name)
+        for name, p in (points or {}).items():
+            ax.scatter([p[i]], [p[j]], marker="*", s=120, zorder=3, color="black", label=name)
+        if reference is not None:
+            ax.scatter([reference[i]], [reference[j]], marker="x", color="grey", label="HV reference point")
+        ax.set_xlabel(f"gold {names[i]}")
+        ax.set_ylabel(f"gold {names[j]}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _finish(fig: Any, ax: Any, out: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

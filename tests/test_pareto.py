@@ -1,0 +1,119 @@
+"""Multi-objective evaluation against hand-computed values: preference grids, non-domination,
+hypervolume, controllability; preference conditioning (Prompted-MORL); the soups' PPO run plan."""
+
+import numpy as np
+import pytest
+
+from rayalign.config.core import ConfigError, load_config
+from rayalign.config.schema import RLConfig, SoupsConfig
+from rayalign.eval.pareto import controllability, hypervolume, non_dominated, preference_grid
+from rayalign.merge.coefficients import bone_matrix
+from rayalign.recipes.soups import training_runs, win_rate_at
+from rayalign.reward.conditioning import PreferenceConditioning, preference_message
+
+
+def test_preference_grids():
+    g2 = preference_grid(2, 11)
+    assert g2.shape == (11, 2)
+    assert np.allclose(g2[:, 0], np.linspace(0, 1, 11)) and np.allclose(g2.sum(1), 1)
+    g3 = preference_grid(3, 6)  # steps of 0.2 on the 3-simplex: C(5 + 2, 2) = 21 points
+    assert g3.shape == (21, 3) and np.allclose(g3.sum(1), 1) and (g3 >= 0).all()
+    assert len({tuple(r) for r in np.round(g3, 6)}) == 21
+    assert preference_grid(3, 11).shape == (66, 3)
+    with pytest.raises(ValueError, match="at least 2 objectives"):
+        preference_grid(1)
+
+
+def test_non_dominated_and_hypervolume_by_hand():
+    f = np.array([[1.0, 0.0], [0.5, 0.5], [0.4, 0.4], [0.0, 1.0], [0.5, 0.5]])
+    assert non_dominated(f).tolist() == [True, True, False, True, True]  # duplicates do not dominate each other
+    # staircase against (0, 0): (0.9,0.1),(0.5,0.5),(0.1,0.9) -> 0.9*0.1 + 0.5*0.4 + 0.1*0.4 = 0.33
+    stairs = np.array([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]])
+    assert hypervolume(stairs, [0, 0]) == pytest.approx(0.33)
+    # dominated points add nothing; points not strictly above the reference are dropped
+    assert hypervolume(np.vstack([stairs, [[0.3, 0.3], [2.0, 0.0]]]), [0, 0]) == pytest.approx(0.33)
+    assert hypervolume(stairs, [-1, -1]) == pytest.approx(1.9 * 1.1 + 1.5 * 0.4 + 1.1 * 0.4)
+    assert hypervolume(np.array([[-0.5, -0.5]]), [0, 0]) == 0.0
+    # 3 objectives: two boxes [0,1]x[0,1]x[0,2] and [0,2]x[0,1]x[0,1] overlap in the unit cube: 2 + 2 - 1
+    assert hypervolume(np.array([[1.0, 1.0, 2.0], [2.0, 1.0, 1.0]]), [0, 0, 0]) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="does not match a reference point"):
+        hypervolume(stairs, [0, 0, 0])
+    with pytest.raises(ValueError, match="finite"):
+        hypervolume(np.array([[np.nan, 1.0]]), [0, 0])
+
+
+def test_hypervolume_matches_a_monte_carlo_estimate():
+    rng = np.random.default_rng(0)
+    front = rng.uniform(0, 1, size=(12, 3))
+    samples = rng.uniform(0, 1, size=(200_000, 3))
+    covered = np.zeros(len(samples), dtype=bool)
+    for p in front:
+        covered |= np.all(samples <= p, axis=1)
+    assert hypervolume(front, [0, 0, 0]) == pytest.approx(covered.mean(), abs=0.005)
+
+
+def test_controllability_is_spearman_per_objective():
+    grid = preference_grid(2, 11)
+    rising = np.stack([grid[:, 0] ** 3, 1 - grid[:, 0]], axis=1)  # monotone in mu on both objectives
+    c = controllability(grid, rising, ["informative", "concise"])
+    assert c["per_objective"] == {"informative": pytest.approx(1.0), "concise": pytest.approx(1.0)}
+    backwards = rising[::-1]
+    assert controllability(grid, backwards)["mean"] == pytest.approx(-1.0)
+    flat = np.ones_like(rising)
+    assert np.isnan(controllability(grid, flat)["mean"])
+    with pytest.raises(ValueError, match="differ in shape"):
+        controllability(grid, rising[:5])
+
+
+def test_win_rate_at_weights_the_objectives_by_mu():
+    a = np.array([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]])  # [P=2, n=1, K=3]
+    b = np.array([[[0.0, 1.0, 0.0]], [[0.0, 0.0, 0.0]]])
+    assert win_rate_at(a, b, np.array([1.0, 0.0, 0.0])) == 0.75  # one win, one tie
+    assert win_rate_at(a, b, np.array([0.0, 1.0, 0.0])) == 0.25
+
+
+def test_preference_conditioning():
+    cond = PreferenceConditioning(["informative", "concise", "friendly"], ["informative", "concise"], 11)
+    mu = cond.sample(np.random.default_rng(0), 50)
+    assert mu.shape == (50, 2) and np.allclose(mu.sum(1), 1)
+    assert {round(x, 1) for x in mu[:, 0]} <= {round(x, 1) for x in np.linspace(0, 1, 11)}
+    assert cond.weights(np.array([[0.3, 0.7]])).tolist() == [[0.3, 0.7, 0.0]]
+    msgs = cond.messages("what colour is the apple ?", [0.3, 0.7])
+    assert msgs[0] == {"role": "system", "content": "preference: informative 0.30, concise 0.70"}
+    assert msgs[1]["content"] == "what colour is the apple ?"
+    assert preference_message(["a", "b"], [1, 0]) == "preference: a 1.00, b 0.00"
+    with pytest.raises(ValueError, match=r"\['kind'\] are not objectives of the reward scorer"):
+        PreferenceConditioning(["informative", "concise"], ["informative", "kind"], 11)
+    with pytest.raises(ValueError, match="at least 2 objectives"):
+        PreferenceConditioning(["reward"], None, 11)
+
+
+def test_soups_plan_their_ppo_runs_from_the_math():
+    cfg = SoupsConfig(policy="sft", output="out", objectives=["informative", "concise"], bone_beta=0.7)
+    runs = training_runs(cfg)
+    assert list(runs) == ["expert-informative", "expert-concise", "backbone-0", "backbone-1", "morl"]
+    assert runs["expert-concise"] == ["reward.weights=[0.0, 1.0, 0.0]"]
+    B = bone_matrix(2, 0.7)
+    assert runs["backbone-0"] == ["reward.weights=[0.7, 0.3, 0.0]"] and np.allclose(B[0], [0.7, 0.3])
+    # every plan is a valid RL config (the overrides parse)
+    for overrides in runs.values():
+        rl = load_config(RLConfig, "ppo", ["policy=sft", "output=o", *overrides])
+        assert len(rl.reward.weights) == 3
+    morl = load_config(RLConfig, "ppo", ["policy=sft", "output=o", *runs["morl"]])
+    assert morl.reward.conditioning == "prompt" and morl.reward.conditioned_objectives == ["informative", "concise"]
+    three = training_runs(SoupsConfig(policy="sft", output="o", objectives=["informative", "concise", "friendly"],
+                                      methods=["bone"], bone_beta=0.6))
+    assert three["backbone-2"] == ["reward.weights=[0.2, 0.2, 0.6]"]
+
+
+def test_soups_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="objectives"):
+        load_config(SoupsConfig, None, ["policy=a", "output=b", "objectives=[informative,kindness]"])
+    with pytest.raises(ConfigError, match="bone_beta"):
+        load_config(SoupsConfig, None, ["policy=a", "output=b", "bone_beta=0.4"])
+    with pytest.raises(ConfigError, match="bone_k"):
+        load_config(SoupsConfig, None, ["policy=a", "output=b", "bone_k=[0.5]"])
+    with pytest.raises(ConfigError, match="reference_point"):
+        load_config(SoupsConfig, None, ["policy=a", "output=b", "reference_point=[0,0,0]"])
+    with pytest.raises(ConfigError, match="methods"):
+        load_config(SoupsConfig, None, ["policy=a", "output=b", "methods=[rewarded,magic]"])
