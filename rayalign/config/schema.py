@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -137,6 +138,12 @@ class RewardConfig(Strict):
                                  description="combination of the objective vector (gold, or a multi-head model)")
     missing_eos_penalty: float | None = Field(
         None, description="subtracted from the score of responses cut at max_new_tokens")
+    conditioning: Literal["none", "prompt"] = Field(
+        "none", description="'prompt': Prompted-MORL -- each prompt gets a preference vector mu from the grid, "
+        "written into the prompt, and is scored mu . r (reward.weights is then unused)")
+    conditioned_objectives: list[str] | None = Field(
+        None, description="conditioning 'prompt': the objectives mu spans (default: all of the scorer's)")
+    condition_grid: int = Field(11, ge=2, description="conditioning 'prompt': grid points per objective")
     workers: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=0.25)
     max_restarts: int = Field(3, ge=0)
@@ -329,4 +336,101 @@ class PrefConfig(Strict):
             bad = [r for r in g if r not in ("learner", "rollout")]
             if bad:
                 raise ValueError(f"placement.colocate: {bad} are not roles of a preference run (learner, rollout)")
+        return self
+
+
+# ---- ExPO and soups over preferences (rayalign expo | rayalign soups) ------------------------------
+
+class ScorerConfig(Strict):
+    """Who scores rollouts when a merge is selected or evaluated: the world's gold functions or a
+    trained reward model (scalar, or one head per objective)."""
+
+    kind: Literal["gold", "model"] = "model"
+    model: str | None = Field(None, description="reward model directory (kind 'model')")
+    weights: list[float] | None = Field(None, description="combination of a vector score; default world.weights "
+                                        "for gold, a scalar reward model needs none")
+
+
+class RolloutEvalConfig(Strict):
+    """Rollouts of a merged model on a prompt set (transformers generate, in-process)."""
+
+    prompts: DataConfig = DataConfig(split="dev")
+    samples_per_prompt: int = Field(2, ge=1)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class ExpoConfig(Strict):
+    """`rayalign expo`: theta_2 = theta_1 + alpha (theta_1 - theta_0); alpha chosen on dev prompts by
+    the reward of each candidate's rollouts (Zheng et al., papers/expo-weak-to-strong-extrapolation.txt)."""
+
+    sft: str = Field(..., description="theta_0: the SFT model theta_1 was trained from")
+    aligned: str = Field(..., description="theta_1: the DPO / SPO / PPO / SALSA model")
+    output: str = Field(..., description="directory: OUTPUT/model (theta_2), OUTPUT/expo.json, OUTPUT/reward_vs_alpha.png")
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], min_length=1,
+                                description="candidates (the paper's 0.1-0.5; under-trained models want larger); "
+                                "0 keeps theta_1")
+    reward: ScorerConfig = ScorerConfig()
+    dev: RolloutEvalConfig = RolloutEvalConfig()
+    world: WorldConfig = WorldConfig()
+    seed: int = 0
+
+    @field_validator("alphas")
+    @classmethod
+    def _finite(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not math.isfinite(a) or a < 0]
+        if bad:
+            raise ValueError(f"alphas must be finite and >= 0, got {bad}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _scorer(self) -> ExpoConfig:
+        if self.reward.kind == "model" and not self.reward.model:
+            raise ValueError("reward.model is required when reward.kind is 'model' (or set reward.kind=gold on the "
+                             "embedded world)")
+        return self
+
+
+SOUP_METHODS = ("rewarded", "bone", "personalized", "morl")
+
+
+class SoupsConfig(Strict):
+    """`rayalign soups`: Rewarded, Bone and Personalized Soups and Prompted-MORL -- the PPO runs each
+    needs, then their fronts over a preference grid, hypervolume and controllability."""
+
+    policy: str = Field(..., description="the SFT model every PPO run starts from (and Bone Soup's anchor for k)")
+    output: str
+    objectives: list[str] = Field(default_factory=lambda: ["informative", "concise"], min_length=2,
+                                  description=f"the objectives preferences span, among {list(OBJECTIVES)}")
+    methods: list[Literal["rewarded", "bone", "personalized", "morl"]] = Field(
+        default_factory=lambda: list(SOUP_METHODS), min_length=1)
+    rl_config: str = Field("ppo", description="RL config (name or YAML) of every PPO run")
+    rl: list[str] = Field(default_factory=list, description="dotted overrides for every PPO run, e.g. [steps=20]")
+    bone_beta: float = Field(0.7, gt=0.5, lt=1.0, description="diagonal of Bone Soup's B")
+    bone_k: list[float] = Field(default_factory=lambda: [1.0, 1.2, 1.4], min_length=1,
+                                description="extrapolation candidates k >= 1 (1: none), chosen on the dev split")
+    personalized_reward_model: str | None = Field(
+        None, description="a reward model with one head per objective (rayalign rm objectives=each): Personalized "
+        "Soups' experts learn from it, as in the paper; none: they learn from the gold objectives, and then "
+        "coincide with Rewarded Soups' experts")
+    grid_points: int = Field(11, ge=2, description="preference grid: 11 = steps of 0.1 (two objectives)")
+    reference_point: list[float] | None = Field(None, description="hypervolume reference point; default -0.1 on "
+                                                "every objective")
+    test: RolloutEvalConfig = RolloutEvalConfig(prompts=DataConfig(split="test"))
+    dev: RolloutEvalConfig = RolloutEvalConfig(prompts=DataConfig(split="dev"))
+    world: WorldConfig = WorldConfig()
+    seed: int = 0
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SoupsConfig:
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives {self.objectives}: each must be one of {list(OBJECTIVES)}, once")
+        bad = [k for k in self.bone_k if not math.isfinite(k) or k < 1]
+        if bad:
+            raise ValueError(f"bone_k: extrapolation factors must be finite and >= 1, got {bad}")
+        if self.reference_point is not None and len(self.reference_point) != len(self.objectives):
+            raise ValueError(f"reference_point has {len(self.reference_point)} entries for {len(self.objectives)} "
+                             "objectives")
         return self

@@ -51,6 +51,7 @@ from rayalign.losses.ppo import (
 from rayalign.models.checkpoint import check_dir, is_local, load_tokenizer
 from rayalign.recipes.loop import batch_indices
 from rayalign.recipes.monitor import KLHackMonitor
+from rayalign.reward.conditioning import PreferenceConditioning
 from rayalign.reference.worker import ReferenceActor
 from rayalign.reward.scorer import RewardActor
 from rayalign.rollout.fleet import RolloutFleet
@@ -220,6 +221,8 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
     logger = RunLogger(out / "logs", "")
     try:
         roles = Roles(cfg, plan)
+        cond = PreferenceConditioning(roles.objectives, cfg.reward.conditioned_objectives, cfg.reward.condition_grid) \
+            if cfg.reward.conditioning == "prompt" else None
         kl_ctl = AdaptiveKL(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
         moments = RunningMoments()
         monitor = KLHackMonitor(cfg.monitor)
@@ -246,8 +249,13 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             sample_prompts = [prompts[i] for i in np.repeat(idx, n)]
             sampling = {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
                         "max_new_tokens": cfg.rollout.max_new_tokens, "n": n, "seed": cfg.seed * 100_003 + it}
+            if cond is not None:  # Prompted-MORL: a preference vector per prompt, told in a system message
+                mu = cond.sample(np.random.default_rng([cfg.seed, it]), len(idx))
+                batch_prompts = [encode_prompt(tok, cond.messages(prompts[i], m)) for i, m in zip(idx, mu)]
+            else:
+                batch_prompts = [encoded[i] for i in idx]
             with timed(times, "generate"):
-                rollouts = roles.rollout.map("generate", [encoded[i] for i in idx], sampling)
+                rollouts = roles.rollout.map("generate", batch_prompts, sampling)
             prompt_ids = [r["prompt_ids"] for r in rollouts]
             response_ids = [r["response_ids"] or [tok.eos_token_id] for r in rollouts]
             responses = tok.batch_decode(response_ids, skip_special_tokens=True)
@@ -264,7 +272,8 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
 
             # rewards and advantages (SPEC section 1)
             finished = torch.tensor([float(r["finished"]) for r in rollouts])
-            score = scored[:, 0].clone()
+            score = scored[:, 0].clone() if cond is None else \
+                (scored[:, 1:] * torch.tensor(cond.weights(np.repeat(mu, n, axis=0)), dtype=torch.float32)).sum(1)
             if cfg.reward.missing_eos_penalty is not None:
                 score -= cfg.reward.missing_eos_penalty * (1.0 - finished)
             norm_score = normalise_scores(score, cfg.algo.reward_norm, moments, cfg.algo.reward_clip)

@@ -1,0 +1,114 @@
+"""ExPO (Zheng et al. 2024, papers/expo-weak-to-strong-extrapolation.txt): extrapolate an aligned
+model away from the SFT model it was trained from,
+
+    theta_2 = theta_1 + alpha (theta_1 - theta_0),
+
+with alpha chosen on a dev prompt set: each candidate's rollouts are scored by a reward model (or,
+on the embedded world, the gold functions) and the best mean reward wins. alpha = 0 (theta_1 kept)
+is a candidate, so the search never picks a model worse than theta_1 on the dev set.
+
+    rayalign expo sft=runs/sft/sft-0 aligned=runs/dpo/policy output=runs/dpo-expo reward.model=runs/rm/model
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rayalign.config.core import dump_config
+from rayalign.config.schema import ExpoConfig, ScorerConfig, WorldConfig
+from rayalign.eval.gold import generate
+from rayalign.eval.merged import MergedModel
+from rayalign.eval.plots import xy_lines
+from rayalign.merge.engine import merge_to_disk
+from rayalign.merge.spec import MergeSpec
+from rayalign.recipes.ppo import gold_of, load_prompts
+from rayalign.reward.scorer import RewardScorer
+from rayalign.utils.io import atomic_write_json, atomic_write_text, claim_output
+from rayalign.utils.logging import log
+
+# relative distance ||theta_1 - theta_0|| / ||theta_0|| above which the two do not look like an
+# SFT -> aligned pair (alignment moves weights by a few percent; unrelated models by ~100%)
+PAIR_DISTANCE_WARN = 0.5
+
+
+def pair_distance(theta0: dict[str, torch.Tensor], theta1: dict[str, torch.Tensor]) -> float:
+    """||theta_1 - theta_0|| / ||theta_0|| over every floating-point tensor."""
+    diff = norm = 0.0
+    for name, t0 in theta0.items():
+        if t0.is_floating_point():
+            diff += float((theta1[name].double() - t0.double()).pow(2).sum())
+            norm += float(t0.double().pow(2).sum())
+    return math.sqrt(diff / norm) if norm > 0 else float("inf")
+
+
+def check_pair(distance: float, sft: str, aligned: str) -> str | None:
+    """A warning when theta_0 / theta_1 do not look like an SFT model and a model aligned from it."""
+    if distance == 0.0:
+        msg = f"ExPO: {aligned} has the same weights as {sft}; extrapolation does nothing"
+    elif distance > PAIR_DISTANCE_WARN:
+        msg = (f"ExPO: {aligned} is far from {sft} (relative distance {distance:.2f} > {PAIR_DISTANCE_WARN}); "
+               "they do not look like an SFT model and a model aligned from it")
+    else:
+        return None
+    log.warning(msg)
+    return msg
+
+
+def make_scorer(reward: ScorerConfig, world: WorldConfig) -> RewardScorer:
+    weights = reward.weights if reward.weights is not None else (world.weights if reward.kind == "gold" else None)
+    return RewardScorer(reward.kind, reward.model, weights)
+
+
+def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
+    """Search alpha, write OUTPUT/model (theta_2 at the chosen alpha) and OUTPUT/expo.json."""
+    out = Path(cfg.output)
+    claim_output(out, resume)
+    if (out / "expo.json").is_file() and (out / "model").is_dir():
+        log.info("expo: %s already finished; kept", out)
+        return json.loads((out / "expo.json").read_text())
+    prompts = load_prompts(cfg.dev.prompts, cfg.world.seed)
+    merged = MergedModel([cfg.sft, cfg.aligned])  # refuses models of different architectures / vocabularies
+    distance = pair_distance(merged.sources[0], merged.sources[1])
+    warning = check_pair(distance, cfg.sft, cfg.aligned)
+    scorer = make_scorer(cfg.reward, cfg.world)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", "# rayalign expo\n" + dump_config(cfg))
+
+    d = cfg.dev
+    curve: list[dict[str, float]] = []
+    for alpha in tqdm(cfg.alphas, desc="expo alpha"):
+        model = merged.set([-alpha, 1.0 + alpha])
+        responses = generate(model, merged.tok, prompts, n=d.samples_per_prompt, max_new_tokens=d.max_new_tokens,
+                             temperature=d.temperature, seed=cfg.seed)
+        flat_p = [p for p in prompts for _ in range(d.samples_per_prompt)]
+        flat_r = [r for rs in responses for r in rs]
+        reward = scorer.score(flat_p, flat_r)["combined"].reshape(len(prompts), -1).mean(1)
+        point = {"alpha": alpha, "reward": float(reward.mean()),
+                 "reward_se": float(reward.std(ddof=1) / math.sqrt(len(reward))) if len(reward) > 1 else 0.0,
+                 "mean_words": float(np.mean([len(r.split()) for r in flat_r]))}
+        gold = gold_of(flat_p, flat_r) if scorer.kind != "gold" else None
+        if gold is not None:  # the world's truth on the same rollouts, for the report (not for the choice)
+            point["gold"] = float((gold @ np.asarray(cfg.world.weights)).mean())
+        curve.append(point)
+        log.info("expo: alpha %.2f -> dev reward %.4f", alpha, point["reward"])
+    best = max(curve, key=lambda p: (p["reward"], -p["alpha"]))["alpha"]
+
+    spec = MergeSpec(method="expo", models=[{"model": cfg.aligned}], base_model=cfg.sft, alpha=best)
+    merge_to_disk(spec, out / "model", progress=False, overwrite=resume)
+    result = {"sft": cfg.sft, "aligned": cfg.aligned, "alpha": best, "curve": curve, "distance": distance,
+              "warning": warning, "scorer": cfg.reward.kind, "dev_prompts": len(prompts),
+              "samples_per_prompt": d.samples_per_prompt}
+    series = {f"dev reward ({cfg.reward.kind})": ([p["alpha"] for p in curve], [p["reward"] for p in curve])}
+    if "gold" in curve[0]:
+        series["dev gold (same rollouts)"] = ([p["alpha"] for p in curve], [p["gold"] for p in curve])
+    xy_lines(series, out / "reward_vs_alpha.png", "alpha", "mean reward", f"ExPO: chosen alpha = {best}")
+    atomic_write_json(out / "expo.json", result)
+    log.info("expo: chosen alpha %.2f; wrote %s", best, out / "model")
+    return result

@@ -1,0 +1,97 @@
+"""ExPO: the alpha search on dev rollouts, the extrapolated model on disk, and the checks on the
+(theta_0, theta_1) pair. Tiny models in-process; the reward-model path runs in the quick demo."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from rayalign.config.core import ConfigError, load_config
+from rayalign.config.schema import ExpoConfig
+from rayalign.merge.engine import MergeValidationError
+from rayalign.merge.io import Checkpoint
+from rayalign.models.checkpoint import save_model
+from rayalign.models.presets import model_config
+from rayalign.recipes.expo import check_pair, pair_distance, run_expo
+from rayalign.utils.io import OutputExistsError
+
+
+def _weights(path):
+    ck = Checkpoint(path)
+    try:
+        return {n: ck.read(n).clone() for n in ck.keys()}
+    finally:
+        ck.close()
+
+
+@pytest.fixture(scope="module")
+def pair(tokenizer_and_preset, tmp_path_factory):
+    tok, theta0 = tokenizer_and_preset
+    model = LlamaForCausalLM.from_pretrained(theta0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    theta1 = tmp_path_factory.mktemp("expo") / "aligned"
+    save_model(model, tok, theta1)
+    return theta0, theta1
+
+
+def _cfg(theta0, theta1, out, *extra):
+    return load_config(ExpoConfig, None, [f"sft={theta0}", f"aligned={theta1}", f"output={out}", "reward.kind=gold",
+                                          "alphas=[0.5,0,1.0]", "dev.prompts.limit=3", "dev.samples_per_prompt=1",
+                                          "dev.max_new_tokens=6", *extra])
+
+
+def test_expo_searches_alpha_and_writes_the_extrapolated_model(pair, tmp_path):
+    theta0, theta1 = pair
+    out = tmp_path / "expo"
+    result = run_expo(_cfg(theta0, theta1, out))
+    assert [p["alpha"] for p in result["curve"]] == [0.0, 0.5, 1.0]  # sorted, each scored on the dev prompts
+    best = max(result["curve"], key=lambda p: (p["reward"], -p["alpha"]))
+    assert result["alpha"] == best["alpha"]
+    assert result["dev_prompts"] == 3 and 0 < result["distance"] < 0.5 and result["warning"] is None
+    w0, w1, w2 = _weights(theta0), _weights(theta1), _weights(out / "model")
+    a = result["alpha"]
+    for name in w0:
+        assert torch.allclose(w2[name], w1[name] + a * (w1[name] - w0[name]), atol=1e-6), name
+    assert (out / "reward_vs_alpha.png").stat().st_size > 0
+    assert json.loads((out / "expo.json").read_text())["alpha"] == a
+    with pytest.raises(OutputExistsError):
+        run_expo(_cfg(theta0, theta1, out))
+    assert run_expo(_cfg(theta0, theta1, out), resume=True)["alpha"] == a  # finished: kept as it is
+
+
+def test_expo_refuses_other_architectures_and_warns_on_odd_pairs(pair, tokenizer_and_preset, tmp_path):
+    tok, theta0 = tokenizer_and_preset
+    wide = model_config("tiny", tok)
+    wide.intermediate_size = 256
+    save_model(LlamaForCausalLM(wide), tok, tmp_path / "wide")
+    with pytest.raises(MergeValidationError, match="architecture differs: intermediate_size"):
+        run_expo(_cfg(theta0, tmp_path / "wide", tmp_path / "never"))
+    assert not (tmp_path / "never" / "model").exists()
+    w0 = _weights(theta0)
+    assert pair_distance(w0, w0) == 0.0
+    assert "does nothing" in check_pair(0.0, "a", "b")
+    assert "do not look like an SFT model" in check_pair(0.9, "a", "b")
+    assert check_pair(0.05, "a", "b") is None
+
+
+def test_expo_config_errors():
+    with pytest.raises(ConfigError, match="reward.model is required"):
+        load_config(ExpoConfig, None, ["sft=a", "aligned=b", "output=c"])
+    with pytest.raises(ConfigError, match="alphas must be finite and >= 0"):
+        load_config(ExpoConfig, None, ["sft=a", "aligned=b", "output=c", "reward.kind=gold", "alphas=[0.1,-1]"])
+
+
+def test_merged_model_re_merges_in_place(pair):
+    from rayalign.eval.merged import MergedModel
+
+    theta0, theta1 = pair
+    merged = MergedModel([theta0, theta1])
+    w0, w1 = _weights(theta0), _weights(theta1)
+    for coefs in ([-0.5, 1.5], [1.75, -0.75], [0.0, 1.0]):  # ExPO, a Bone Soup lambda, theta_1 itself
+        sd = merged.set(coefs).state_dict()
+        for name in w0:
+            assert torch.allclose(sd[name], coefs[0] * w0[name] + coefs[1] * w1[name], atol=1e-6), (coefs, name)
