@@ -8,6 +8,8 @@
     rayalign rm base=SFT_DIR output=DIR objectives=each
     rayalign merge merge.yaml OUT      # soups, task arithmetic, ExPO, Bone Soups; mergekit YAML too
     rayalign train salsa --config salsa.yaml reference.models=[SFT0,SFT1]   # or: train ppo
+    rayalign expo sft=SFT_DIR aligned=DPO_DIR output=DIR reward.model=RM_DIR   # alpha searched on dev prompts
+    rayalign soups policy=SFT_DIR output=DIR objectives=[informative,concise]     # soups' fronts, hypervolume
     rayalign eval models=[A,B] split=test
 
 Training commands take an optional --config YAML plus dotted overrides (key.sub=value); the
@@ -197,6 +199,42 @@ def train(
     except (ValueError, PlacementError) as exc:
         _fail(exc)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def expo(config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False) -> None:
+    """ExPO: theta_2 = theta_1 + alpha (theta_1 - theta_0), alpha chosen on dev prompts by a reward model.
+    Writes OUTPUT/model, OUTPUT/expo.json (reward against alpha) and OUTPUT/reward_vs_alpha.png."""
+    from rayalign.config.schema import ExpoConfig
+    from rayalign.merge.engine import MergeValidationError
+    from rayalign.merge.io import MergeInputError
+    from rayalign.recipes.expo import run_expo
+
+    cfg = _run(load_config, ExpoConfig, config, overrides or [])
+    try:
+        result = _run(run_expo, cfg, resume=resume)
+    except (MergeValidationError, MergeInputError, ValueError) as exc:
+        _fail(exc)
+    for p in result["curve"]:
+        typer.echo(f"alpha {p['alpha']:.2f}: dev reward {p['reward']:.4f} ± {p['reward_se']:.4f}"
+                   + (f", gold {p['gold']:.4f}" if "gold" in p else ""))
+    typer.echo(f"chosen alpha {result['alpha']}; wrote {Path(cfg.output) / 'model'}")
+
+
+@app.command()
+def soups(config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False) -> None:
+    """Rewarded, Bone and Personalized Soups and Prompted-MORL: their PPO runs on Ray, then gold fronts over a
+    preference grid with hypervolume and controllability. Writes OUTPUT/report.md and OUTPUT/results.json."""
+    from rayalign.config.schema import SoupsConfig
+    from rayalign.distributed.placement import PlacementError
+    from rayalign.recipes.soups import render, run_soups
+
+    cfg = _run(load_config, SoupsConfig, config, overrides or [])
+    try:
+        result = _run(run_soups, cfg, resume=resume)
+    except (ValueError, PlacementError) as exc:
+        _fail(exc)
+    typer.echo(render(result))
 
 
 @app.command("eval")

@@ -19,7 +19,9 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
         assert (quick_demo / d / "model.safetensors").is_file(), d
         assert (quick_demo / d / "tokenizer.json").is_file(), d
     results = json.loads((quick_demo / "results.json").read_text())
-    assert set(results["gold"]) == {"random-init", "base", "sft-0", "sft-1", "soup", "ppo", "salsa", "spo", "dpo"}
+    aligned = ("ppo", "salsa", "spo", "dpo")
+    assert set(results["gold"]) == {"random-init", "base", "sft-0", "sft-1", "soup", *aligned,
+                                    *(f"{m}+expo" for m in aligned)}
     assert set(results["rl"]) == {"ppo", "salsa"} and "salsa vs ppo" in results["win_rate"]
     for m in ("ppo", "salsa"):
         assert results["rl"][m]["iterations"] == 3 and results["rl"][m]["engine"] == "vllm"
@@ -38,6 +40,26 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     assert results["preference"]["dpo"]["kl_time_share"] is None
     assert "## SPO and DPO" in report and "| spo | 2 x 16 |" in report
     assert (quick_demo / "gold_rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ExPO of every aligned model: alpha from the grid, chosen by the reward model on dev rollouts
+    assert set(results["expo"]) == set(aligned)
+    for m, v in results["expo"].items():
+        assert v["alpha"] in (0.0, 0.5) and [p["alpha"] for p in v["curve"]] == [0.0, 0.5]
+        assert (quick_demo / "expo" / m / "model" / "model.safetensors").is_file()
+        assert f"{m}+expo vs {m}" in results["win_rate"]
+    assert "## ExPO" in report and "![ExPO: reward against alpha](expo_alpha.png)" in report
+    # soups: every method's front over the 3-point grid, hypervolume and controllability
+    soups = results["soups"]
+    assert set(soups["methods"]) == {"rewarded", "bone", "personalized", "morl"}
+    for m, v in soups["methods"].items():
+        assert np.asarray(v["front"]).shape == (3, 2) and v["hypervolume"] >= 0, m
+        assert set(v["controllability"]["per_objective"]) == {"informative", "concise"}
+    assert soups["chosen"]["bone_k"] in (1.0, 1.2) and soups["shared_experts"]
+    for run in ("expert-informative", "expert-concise", "backbone-0", "backbone-1", "morl"):
+        assert (quick_demo / "soups" / "runs" / run / "policy" / "model.safetensors").is_file(), run
+    morl_config = (quick_demo / "soups" / "runs" / "morl" / "config.yaml").read_text()
+    assert "conditioning: prompt" in morl_config
+    assert "## Soups over preferences: informative vs concise" in report and "| Bone Soups |" in report
+    assert (quick_demo / "soups" / "fronts.png").read_bytes()[:4] == b"\x89PNG"
     # resolved configs are saved; no temporary or resume state is left behind
     assert (quick_demo / "sft" / "config.yaml").is_file() and (quick_demo / "rm" / "config.yaml").is_file()
     leftovers = [p for p in quick_demo.rglob("*") if ".tmp-" in p.name or p.name == "state"]

@@ -1,7 +1,9 @@
 """The end-to-end demo on the embedded default (README Quickstart line 1).
 
 world -> tokenizer and preset -> pre-trained base -> N SFT seeds -> uniform soup (merge engine) -> reward model
--> PPO and SALSA from SFT-0 on Ray -> gold evaluation of every model -> report.md / results.json in the run directory.
+-> PPO and SALSA from SFT-0 on Ray -> SPO and DPO -> ExPO of those four (alpha chosen by the reward model)
+-> Rewarded / Bone / Personalized Soups and Prompted-MORL over a preference grid (fronts, hypervolume)
+-> gold evaluation of every model -> report.md / results.json in the run directory.
 """
 
 from __future__ import annotations
@@ -14,23 +16,28 @@ from typing import Any
 from rayalign.config.core import load_config
 from rayalign.config.schema import (
     DataConfig,
+    ExpoConfig,
     LearnerConfig,
     PrefConfig,
     PretrainConfig,
     RLConfig,
     RMConfig,
     SFTConfig,
+    SoupsConfig,
     WorldConfig,
 )
 from rayalign.distributed.cluster import connect
 from rayalign.eval.gold import GoldResult, evaluate, win_rate
-from rayalign.eval.plots import gold_bars
+from rayalign.eval.plots import gold_bars, xy_lines
 from rayalign.merge.engine import merge_to_disk
 from rayalign.merge.spec import MergeSpec
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.models.presets import build_preset, n_params, train_tokenizer
+from rayalign.recipes.expo import run_expo
 from rayalign.recipes.ppo import run_rl
 from rayalign.recipes.preference import run_preference
+from rayalign.recipes.soups import render as render_soups
+from rayalign.recipes.soups import run_soups
 from rayalign.recipes.supervised import run_pretrain, run_rm, run_sft
 from rayalign.utils.io import OutputExistsError, atomic_write_json, atomic_write_text
 from rayalign.utils.logging import log
@@ -47,6 +54,10 @@ def uniform_soup(paths: list[Path], out: Path) -> Path:
 
 # SPO and DPO in the demo: the settings of the README's SPO-vs-DPO table (experiments/spo_vs_dpo.py)
 PREF_FULL = ["data.limit=1024", "epochs=1"]
+# ExPO: a wider grid than the paper's 0.1-0.5, as the demo's models are briefly trained
+EXPO_FULL = ["alphas=[0,0.25,0.5,1,1.5,2]", "dev.samples_per_prompt=4"]
+# soups: informative against concise, 11 preference vectors (experiments/soups_fronts.py uses the same)
+SOUPS_FULL = ["objectives=[informative,concise]", "rl=[steps=20]"]
 
 
 def _settings(quick: bool) -> dict[str, Any]:
@@ -55,9 +66,15 @@ def _settings(quick: bool) -> dict[str, Any]:
                     pairs_per_prompt=2, rm_epochs=1.0, eval_prompts=16, eval_samples=1,
                     rl=["steps=3", "prompts_per_step=16", "rollout.n=1", "rollout.max_new_tokens=16"],
                     pref=["data.limit=32", "pairs_per_step=16", "algo.kl_prompts=8", "rollout.max_new_tokens=16",
-                          "learner.actor.micro_batch_size=8"])
+                          "learner.actor.micro_batch_size=8"],
+                    expo=["alphas=[0,0.5]", "dev.prompts.limit=4", "dev.samples_per_prompt=1", "dev.max_new_tokens=16"],
+                    soups=["rl=[steps=2,prompts_per_step=16,rollout.n=1,rollout.max_new_tokens=16]", "grid_points=3",
+                           "bone_k=[1.0,1.2]", "test.prompts.limit=4", "test.samples_per_prompt=1",
+                           "test.max_new_tokens=16", "dev.prompts.limit=4", "dev.samples_per_prompt=1",
+                           "dev.max_new_tokens=16"])
     return dict(preset="small", pretrain_docs=6000, pretrain_epochs=1.5, sft_per_prompt=8, sft_epochs=3.0,
-                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4, rl=[], pref=PREF_FULL)
+                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4, rl=[], pref=PREF_FULL,
+                expo=EXPO_FULL, soups=SOUPS_FULL)
 
 
 def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: tuple[int, ...] = (0, 1),
@@ -127,6 +144,8 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
     # 7. SPO (online global KL) and DPO from SFT-0 with pi_ref = SFT-0, on the same preference pairs.
     #    One Ray serves both stages.
     rl_summaries, pref_summaries = {}, {}
+    expo_results: dict[str, Any] = {}
+    soups: dict[str, Any] = {}
     started = connect()
     try:
         if len(sft_paths) >= 2:
@@ -146,6 +165,21 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
             pref_summaries[method] = json.loads((out / method / "summary.json").read_text())
             gold(method, policy)
         stage("spo_dpo")
+
+        # 8. ExPO of every aligned model against SFT-0, alpha chosen on dev prompts by the reward model
+        for method in [*rl_summaries, *pref_summaries]:
+            cfg = load_config(ExpoConfig, None, [f"sft={sft_paths[0]}", f"aligned={out / method / 'policy'}",
+                                                 f"output={out / 'expo' / method}", f"reward.model={rm}",
+                                                 f"seed={world_seed}", f"world.seed={world_seed}", *s["expo"]])
+            expo_results[method] = run_expo(cfg, resume=resume)
+            gold(f"{method}+expo", out / "expo" / method / "model")
+        stage("expo")
+
+        # 9. Rewarded / Bone / Personalized Soups and Prompted-MORL: their PPO runs, then gold fronts
+        cfg = load_config(SoupsConfig, None, [f"policy={sft_paths[0]}", f"output={out / 'soups'}",
+                                              f"seed={world_seed}", f"world.seed={world_seed}", *s["soups"]])
+        soups = run_soups(cfg, resume=resume)
+        stage("soups")
     finally:
         if started:
             import ray
@@ -161,7 +195,12 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
         | {f"{m} vs {sft_paths[0].name}": win_rate(results[m], results[sft_paths[0].name]) for m in rl_summaries}
         | ({"salsa vs ppo": win_rate(results["salsa"], results["ppo"])} if len(rl_summaries) == 2 else {})
         | {f"{m} vs {sft_paths[0].name}": win_rate(results[m], results[sft_paths[0].name]) for m in pref_summaries}
-        | {"spo vs dpo": win_rate(results["spo"], results["dpo"])},
+        | {"spo vs dpo": win_rate(results["spo"], results["dpo"])}
+        | {f"{m}+expo vs {m}": win_rate(results[f"{m}+expo"], results[m]) for m in expo_results},
+        "expo": {m: {"alpha": r["alpha"], "curve": r["curve"],
+                     "gain": results[f"{m}+expo"].summary()["combined"] - results[m].summary()["combined"]}
+                 for m, r in expo_results.items()},
+        "soups": soups,
         "preference": {m: {"steps": v["steps"], "pairs_per_step": v["pairs_per_step"], "first": v["first"], "last": v["last"],
                            "kl_time_share": v["kl_time_share"], "mean_times": v["mean_times"]}
                        for m, v in pref_summaries.items()},
@@ -172,6 +211,10 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
         "timings_s": timings, "wall_time_s": round(time.time() - t0, 1),
     }
     gold_bars(summary["gold"], out / "gold_rewards.png", "Gold rewards on held-out prompts")
+    if expo_results:
+        xy_lines({m: ([p["alpha"] for p in r["curve"]], [p["reward"] for p in r["curve"]])
+                  for m, r in expo_results.items()}, out / "expo_alpha.png", "alpha",
+                 "reward-model score (dev prompts)", "ExPO: reward against alpha")
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "report.md", render_report(summary))
     log.info("demo finished in %.0fs; report: %s", summary["wall_time_s"], out / "report.md")
@@ -217,6 +260,19 @@ def render_report(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | {v['steps']} x {v['pairs_per_step']} | {v['first']['accuracy']:.2f} -> "
                          f"{v['last']['accuracy']:.2f} | {kl} | {share} | {v['mean_times']['time/step']:.2f} |")
         lines.append("")
+    if summary.get("expo"):
+        lines += ["## ExPO (theta_2 = theta_1 + alpha (theta_1 - SFT-0), alpha chosen on dev prompts by the reward "
+                  "model)", "", "![ExPO: reward against alpha](expo_alpha.png)", "",
+                  "| model | chosen alpha | dev reward-model score at alpha = " +
+                  ", ".join(str(p["alpha"]) for p in next(iter(summary["expo"].values()))["curve"]) +
+                  " | gold (test) theta_1 -> theta_2 | gain | theta_2 wins vs theta_1 |", "|---|---|---|---|---|---|"]
+        for m, v in summary["expo"].items():
+            g1, g2 = summary["gold"][m]["combined"], summary["gold"][f"{m}+expo"]["combined"]
+            lines.append(f"| {m} | {v['alpha']} | " + ", ".join(f"{p['reward']:.3f}" for p in v["curve"]) +
+                         f" | {g1:.3f} -> {g2:.3f} | {v['gain']:+.3f} | {summary['win_rate'][f'{m}+expo vs {m}']:.1%} |")
+        lines.append("")
+    if summary.get("soups"):
+        lines += [render_soups(summary["soups"], heading="##", images="soups/"), ""]
     lines += ["## Wall time", ""] + [f"- {k}: {v:.0f} s" for k, v in summary["timings_s"].items()]
     lines.append(f"- total: {summary['wall_time_s']:.0f} s")
     return "\n".join(lines) + "\n"
