@@ -95,3 +95,21 @@ def test_merged_model_re_merges_in_place(pair):
         sd = merged.set(coefs).state_dict()
         for name in w0:
             assert torch.allclose(sd[name], coefs[0] * w0[name] + coefs[1] * w1[name], atol=1e-6), (coefs, name)
+
+
+def test_expo_and_soups_commands_with_the_reward_model(quick_demo, tmp_path):
+    from tests.conftest import run_cli
+
+    d = quick_demo
+    args = [f"sft={d / 'sft/sft-0'}", f"aligned={d / 'dpo/policy'}", f"reward.model={d / 'rm/model'}",
+            "alphas=[0,1]", "dev.prompts.limit=2", "dev.samples_per_prompt=1", "dev.max_new_tokens=8"]
+    proc = run_cli("expo", *args, f"output={tmp_path / 'x'}")
+    assert "alpha 0.00: dev reward" in proc.stdout and "chosen alpha" in proc.stdout
+    result = json.loads((tmp_path / "x" / "expo.json").read_text())
+    assert result["scorer"] == "model" and all("gold" in p for p in result["curve"])  # the truth, for the report
+    # bad input: a clear error, exit 2, nothing written
+    bad = run_cli("expo", *args[:1], f"aligned={tmp_path / 'nope'}", *args[2:], f"output={tmp_path / 'y'}", check=False)
+    assert bad.returncode == 2 and "model directory not found" in bad.stderr and not (tmp_path / "y").exists()
+    bad = run_cli("soups", f"policy={d / 'sft/sft-0'}", f"output={tmp_path / 'z'}", "objectives=[informative]",
+                  check=False)
+    assert bad.returncode == 2 and "objectives" in bad.stderr and not (tmp_path / "z").exists()

@@ -153,7 +153,16 @@ def run_soups(cfg: SoupsConfig, resume: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", "# rayalign soups\n" + dump_config(cfg))
     policies = train(cfg, out, resume)
+    results = evaluate_fronts(cfg, policies, out)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", render(results))
+    log.info("soups: wrote %s", out / "report.md")
+    return results
 
+
+def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> dict[str, Any]:
+    """Every method's gold front over the preference grid (test prompts), Bone Soup's k chosen on the
+    dev prompts; writes OUT/fronts.png, OUT/controllability.png and OUT/scores.npz."""
     objs, k = cfg.objectives, len(cfg.objectives)
     grid = preference_grid(k, cfg.grid_points)
     ref = np.asarray(cfg.reference_point if cfg.reference_point is not None else [-0.1] * k)
@@ -206,9 +215,6 @@ def run_soups(cfg: SoupsConfig, resume: bool = False) -> dict[str, Any]:
               for m in scores}, out / "controllability.png", f"preference mu_{objs[0]}",
              f"achieved gold {objs[0]}", "Controllability")
     np.savez_compressed(out / "scores.npz", grid=grid, sft=sft_scores, **scores)
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", render(results))
-    log.info("soups: wrote %s", out / "report.md")
     return results
 
 
