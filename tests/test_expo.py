@@ -13,7 +13,7 @@ from rayalign.merge.engine import MergeValidationError
 from rayalign.merge.io import Checkpoint
 from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
-from rayalign.recipes.expo import check_pair, pair_distance, run_expo
+from rayalign.recipes.expo import check_pair, choose_alpha, pair_distance, run_expo
 from rayalign.utils.io import OutputExistsError
 
 
@@ -49,8 +49,8 @@ def test_expo_searches_alpha_and_writes_the_extrapolated_model(pair, tmp_path):
     out = tmp_path / "expo"
     result = run_expo(_cfg(theta0, theta1, out))
     assert [p["alpha"] for p in result["curve"]] == [0.0, 0.5, 1.0]  # sorted, each scored on the dev prompts
-    best = max(result["curve"], key=lambda p: (p["reward"], -p["alpha"]))
-    assert result["alpha"] == best["alpha"]
+    eligible = [p for p in result["curve"] if p["alpha"] == 0 or p["gain"] > p["gain_se"]]
+    assert result["alpha"] == max(eligible, key=lambda p: (p["reward"], -p["alpha"]))["alpha"]
     assert result["dev_prompts"] == 3 and 0 < result["distance"] < 0.5 and result["warning"] is None
     w0, w1, w2 = _weights(theta0), _weights(theta1), _weights(out / "model")
     a = result["alpha"]
@@ -61,6 +61,24 @@ def test_expo_searches_alpha_and_writes_the_extrapolated_model(pair, tmp_path):
     with pytest.raises(OutputExistsError):
         run_expo(_cfg(theta0, theta1, out))
     assert run_expo(_cfg(theta0, theta1, out), resume=True)["alpha"] == a  # finished: kept as it is
+
+
+def test_choose_alpha_needs_a_gain_beyond_its_standard_error():
+    import numpy as np
+
+    def pick(per_prompt, min_se=1.0):
+        curve = [{"alpha": a, "reward": float(np.mean(r))} for a, r in sorted(per_prompt.items())]
+        return choose_alpha(curve, {a: np.asarray(r, dtype=float) for a, r in per_prompt.items()}, min_se), curve
+
+    # a steady gain on every prompt: chosen
+    alpha, curve = pick({0.0: [1, 2, 3, 4], 0.1: [1.1, 2.1, 3.1, 4.1], 0.2: [1.2, 2.2, 3.0, 4.2]})
+    assert alpha == 0.2 and curve[1]["gain"] == pytest.approx(0.1) and curve[1]["gain_se"] == pytest.approx(0.0)
+    # a larger mean built on one lucky prompt: gain 0.25, paired s.e. 0.25 -> not beyond 1 s.e.
+    alpha, curve = pick({0.0: [1, 1, 1, 1], 0.5: [1, 1, 1, 2]})
+    assert alpha == 0.0 and curve[1]["gain"] == pytest.approx(0.25) and curve[1]["gain_se"] == pytest.approx(0.25)
+    assert pick({0.0: [1, 1, 1, 1], 0.5: [1, 1, 1, 2]}, min_se=0.0)[0] == 0.5  # 0: plain argmax
+    # no candidate better than theta_1: keep it
+    assert pick({0.0: [2, 2, 2], 0.3: [1, 1, 1]})[0] == 0.0
 
 
 def test_expo_refuses_other_architectures_and_warns_on_odd_pairs(pair, tokenizer_and_preset, tmp_path):

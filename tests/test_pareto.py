@@ -154,3 +154,19 @@ def test_fronts_over_a_three_objective_simplex(quick_demo, tmp_path):
                            max_new_tokens=8, seed=cfg.seed)
     np.testing.assert_allclose(saved["rewarded"][vertex], alone, atol=1e-9)
     assert (tmp_path / "fronts.png").stat().st_size > 0 and (tmp_path / "controllability.png").is_file()
+
+
+def test_personalized_soups_learn_from_a_reward_model_head_each(tmp_path):
+    import json
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text(json.dumps({"id2label": {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}}))
+    runs = training_runs(SoupsConfig(policy="sft", output="o", methods=["personalized"],
+                                     personalized_reward_model=str(rm)))
+    assert list(runs) == ["personal-informative", "personal-concise"]
+    assert runs["personal-concise"] == ["reward.kind=model", f"reward.model={rm}", "reward.weights=[0.0, 1.0, 0.0]",
+                                        "critic=sft"]
+    (rm / "config.json").write_text(json.dumps({"num_labels": 1}))
+    with pytest.raises(ValueError, match="has one head; Personalized Soups need one head per objective"):
+        training_runs(SoupsConfig(policy="sft", output="o", personalized_reward_model=str(rm)))

@@ -372,6 +372,8 @@ class ExpoConfig(Strict):
                                 "0 keeps theta_1")
     reward: ScorerConfig = ScorerConfig()
     dev: RolloutEvalConfig = RolloutEvalConfig()
+    min_gain_se: float = Field(1.0, ge=0, description="an alpha is chosen only if its dev reward gain over the "
+                               "smallest alpha exceeds this many paired standard errors (0: plain argmax)")
     world: WorldConfig = WorldConfig()
     seed: int = 0
 

@@ -54,10 +54,14 @@ def uniform_soup(paths: list[Path], out: Path) -> Path:
 
 # SPO and DPO in the demo: the settings of the README's SPO-vs-DPO table (experiments/spo_vs_dpo.py)
 PREF_FULL = ["data.limit=1024", "epochs=1"]
-# ExPO: a wider grid than the paper's 0.1-0.5, as the demo's models are briefly trained
-EXPO_FULL = ["alphas=[0,0.25,0.5,1,1.5,2]", "dev.samples_per_prompt=4"]
+# ExPO: the paper's grid (0.1-0.5, and 0 = keep theta_1); 8 samples on each of the 17 dev prompts
+# (alpha >= 1 lowered gold for every model in a first sweep, while the reward model still liked it)
+EXPO_FULL = ["alphas=[0,0.1,0.2,0.3,0.4,0.5]", "dev.samples_per_prompt=8"]
 # soups: informative against concise, 11 preference vectors (experiments/soups_fronts.py uses the same)
 SOUPS_FULL = ["objectives=[informative,concise]", "rl=[steps=20]"]
+
+
+STAGES = ("preset", "pretrain", "sft", "soup", "reward_model", "ppo_salsa", "spo_dpo", "expo", "soups")
 
 
 def _settings(quick: bool) -> dict[str, Any]:
@@ -93,7 +97,8 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
 
     def stage(name: str) -> None:
         timings[name] = round(time.time() - t0 - sum(timings.values()), 1)
-        log.info("demo: %s done (%.1fs)", name, timings[name])
+        log.info("demo [%d/%d] %s done in %.0fs (%.0fs so far)", STAGES.index(name) + 1, len(STAGES), name,
+                 timings[name], time.time() - t0)
 
     def gold(name: str, path: Path) -> None:
         model, tok = load_causal_lm(path)

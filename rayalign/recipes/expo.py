@@ -4,8 +4,9 @@ model away from the SFT model it was trained from,
     theta_2 = theta_1 + alpha (theta_1 - theta_0),
 
 with alpha chosen on a dev prompt set: each candidate's rollouts are scored by a reward model (or,
-on the embedded world, the gold functions) and the best mean reward wins. alpha = 0 (theta_1 kept)
-is a candidate, so the search never picks a model worse than theta_1 on the dev set.
+on the embedded world, the gold functions) and the best mean reward wins -- among the candidates
+whose gain over alpha = 0 (theta_1 kept) is larger than `min_gain_se` paired standard errors, so a
+noisy reward model does not move the model on a gain it cannot tell from noise.
 
     rayalign expo sft=runs/sft/sft-0 aligned=runs/dpo/policy output=runs/dpo-expo reward.model=runs/rm/model
 """
@@ -61,6 +62,21 @@ def check_pair(distance: float, sft: str, aligned: str) -> str | None:
     return msg
 
 
+def choose_alpha(curve: list[dict[str, float]], per_prompt: dict[float, np.ndarray], min_gain_se: float) -> float:
+    """The alpha of the best mean dev reward, among those whose gain over the smallest alpha (theta_1
+    when 0 is on the grid) exceeds `min_gain_se` paired standard errors (same prompts, same sampling
+    seed); the smallest alpha when none does. Records gain and its standard error on the curve."""
+    base = min(per_prompt)
+    ok = []
+    for p in curve:
+        diff = per_prompt[p["alpha"]] - per_prompt[base]
+        p["gain"] = float(diff.mean())
+        p["gain_se"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        if p["alpha"] == base or p["gain"] > min_gain_se * p["gain_se"]:
+            ok.append(p)
+    return max(ok, key=lambda p: (p["reward"], -p["alpha"]))["alpha"]
+
+
 def make_scorer(reward: ScorerConfig, world: WorldConfig) -> RewardScorer:
     weights = reward.weights if reward.weights is not None else (world.weights if reward.kind == "gold" else None)
     return RewardScorer(reward.kind, reward.model, weights)
@@ -83,6 +99,7 @@ def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
 
     d = cfg.dev
     curve: list[dict[str, float]] = []
+    per_prompt: dict[float, np.ndarray] = {}
     for alpha in tqdm(cfg.alphas, desc="expo alpha"):
         model = merged.set([-alpha, 1.0 + alpha])
         responses = generate(model, merged.tok, prompts, n=d.samples_per_prompt, max_new_tokens=d.max_new_tokens,
@@ -97,8 +114,9 @@ def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
         if gold is not None:  # the world's truth on the same rollouts, for the report (not for the choice)
             point["gold"] = float((gold @ np.asarray(cfg.world.weights)).mean())
         curve.append(point)
+        per_prompt[alpha] = reward
         log.info("expo: alpha %.2f -> dev reward %.4f", alpha, point["reward"])
-    best = max(curve, key=lambda p: (p["reward"], -p["alpha"]))["alpha"]
+    best = choose_alpha(curve, per_prompt, cfg.min_gain_se)
 
     spec = MergeSpec(method="expo", models=[{"model": cfg.aligned}], base_model=cfg.sft, alpha=best)
     merge_to_disk(spec, out / "model", progress=False, overwrite=resume)

@@ -57,7 +57,7 @@ def _on(objectives: list[str], values: np.ndarray | list[float], all_objectives:
 
 def _heads(reward_model: str) -> list[str]:
     cfg = json.loads((Path(reward_model) / "config.json").read_text())
-    k = int(cfg.get("num_labels", 1))
+    k = len(cfg["id2label"]) if "id2label" in cfg else int(cfg.get("num_labels", 1))  # HF stores id2label
     if k < 2:
         raise ValueError(f"personalized_reward_model {reward_model} has one head; Personalized Soups need one head per "
                          "objective (train it with `rayalign rm objectives=each`)")
