@@ -125,6 +125,7 @@ def test_expo_and_soups_commands_with_the_reward_model(quick_demo, tmp_path):
     assert "alpha 0.00: dev reward" in proc.stdout and "chosen alpha" in proc.stdout
     result = json.loads((tmp_path / "x" / "expo.json").read_text())
     assert result["scorer"] == "model" and all("gold" in p for p in result["curve"])  # the truth, for the report
+    assert result["gold_alpha"] in (0.0, 1.0) and result["alpha"] in (0.0, 1.0)
     # bad input: a clear error, exit 2, nothing written
     bad = run_cli("expo", *args[:1], f"aligned={tmp_path / 'nope'}", *args[2:], f"output={tmp_path / 'y'}", check=False)
     assert bad.returncode == 2 and "model directory not found" in bad.stderr and not (tmp_path / "y").exists()

@@ -72,10 +72,12 @@ def run(demo: Path, out: Path, seeds: list[int], samples: int) -> dict[str, Any]
                     a = p["alpha"]
                     by_alpha[a] = evaluate(f"{m} alpha {a}", merged.set([-a, 1.0 + a]), merged.tok, prompts, n=samples,
                                            seed=seed)
-                chosen = res["alpha"]
+                chosen, by_gold = res["alpha"], res["gold_alpha"]
                 g1, g2 = by_alpha[0.0].summary()["combined"], by_alpha[chosen].summary()["combined"]
                 rows[m][seed] = {"alpha": chosen, "gold_theta1": g1, "gold_theta2": g2, "gain": g2 - g1,
                                  "win_rate": win_rate(by_alpha[chosen], by_alpha[0.0]),
+                                 "alpha_by_dev_gold": by_gold,
+                                 "gain_by_dev_gold": by_alpha[by_gold].summary()["combined"] - g1,
                                  "dev_reward": [p["reward"] for p in res["curve"]],
                                  "test_gold": [by_alpha[p["alpha"]].summary()["combined"] for p in res["curve"]],
                                  "alphas": [p["alpha"] for p in res["curve"]]}
@@ -90,8 +92,10 @@ def run(demo: Path, out: Path, seeds: list[int], samples: int) -> dict[str, Any]
     def ms(xs: list[float]) -> dict[str, float]:
         return {"mean": float(np.mean(xs)), "std": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
 
-    table = {m: {k: ms([r[k] for r in rows[m].values()]) for k in ("gold_theta1", "gold_theta2", "gain", "win_rate")}
+    table = {m: {k: ms([r[k] for r in rows[m].values()])
+                 for k in ("gold_theta1", "gold_theta2", "gain", "win_rate", "gain_by_dev_gold")}
              | {"alphas_chosen": [r["alpha"] for r in rows[m].values()],
+                "alphas_by_dev_gold": [r["alpha_by_dev_gold"] for r in rows[m].values()],
                 "oracle_alpha": [r["alphas"][int(np.argmax(r["test_gold"]))] for r in rows[m].values()]}
              for m in METHODS}
     return {"seeds": seeds, "test_prompts": len(prompts), "samples_per_prompt": samples, "sft_gold": sft_gold,
@@ -104,12 +108,14 @@ def render(r: dict[str, Any]) -> str:
              f"reward (SFT-0: {r['sft_gold']:.3f}); alpha chosen on the dev prompts by the demo's reward model.", "",
              "![gold against alpha](gold_vs_alpha.png)", "",
              "| theta_1 | gold theta_1 | gold theta_2 | gain (mean ± sd) | theta_2 wins vs theta_1 | alpha chosen per seed "
-             "| best alpha on test gold per seed |", "|---|---|---|---|---|---|---|"]
+             "| gain if dev rollouts were judged by gold (alphas) | best alpha on test gold per seed |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, v in r["methods"].items():
         lines.append(f"| {m} | {v['gold_theta1']['mean']:.3f} ± {v['gold_theta1']['std']:.3f} | "
                      f"{v['gold_theta2']['mean']:.3f} ± {v['gold_theta2']['std']:.3f} | "
                      f"{v['gain']['mean']:+.3f} ± {v['gain']['std']:.3f} | {v['win_rate']['mean']:.1%} | "
-                     f"{v['alphas_chosen']} | {v['oracle_alpha']} |")
+                     f"{v['alphas_chosen']} | {v['gain_by_dev_gold']['mean']:+.3f} ± {v['gain_by_dev_gold']['std']:.3f} "
+                     f"({v['alphas_by_dev_gold']}) | {v['oracle_alpha']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -100,6 +100,7 @@ def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
     d = cfg.dev
     curve: list[dict[str, float]] = []
     per_prompt: dict[float, np.ndarray] = {}
+    gold_pp: dict[float, np.ndarray] = {}
     for alpha in tqdm(cfg.alphas, desc="expo alpha"):
         model = merged.set([-alpha, 1.0 + alpha])
         responses = generate(model, merged.tok, prompts, n=d.samples_per_prompt, max_new_tokens=d.max_new_tokens,
@@ -112,16 +113,20 @@ def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
                  "mean_words": float(np.mean([len(r.split()) for r in flat_r]))}
         gold = gold_of(flat_p, flat_r) if scorer.kind != "gold" else None
         if gold is not None:  # the world's truth on the same rollouts, for the report (not for the choice)
-            point["gold"] = float((gold @ np.asarray(cfg.world.weights)).mean())
+            gold_pp[alpha] = (gold @ np.asarray(cfg.world.weights)).reshape(len(prompts), -1).mean(1)
+            point["gold"] = float(gold_pp[alpha].mean())
         curve.append(point)
         per_prompt[alpha] = reward
         log.info("expo: alpha %.2f -> dev reward %.4f", alpha, point["reward"])
     best = choose_alpha(curve, per_prompt, cfg.min_gain_se)
+    # what the same rule would choose if the dev rollouts were judged by the truth (reported, not used)
+    gold_alpha = choose_alpha([{"alpha": p["alpha"], "reward": p["gold"]} for p in curve], gold_pp,
+                              cfg.min_gain_se) if gold_pp else None
 
     spec = MergeSpec(method="expo", models=[{"model": cfg.aligned}], base_model=cfg.sft, alpha=best)
     merge_to_disk(spec, out / "model", progress=False, overwrite=resume)
     result = {"sft": cfg.sft, "aligned": cfg.aligned, "alpha": best, "curve": curve, "distance": distance,
-              "warning": warning, "scorer": cfg.reward.kind, "dev_prompts": len(prompts),
+              "warning": warning, "scorer": cfg.reward.kind, "gold_alpha": gold_alpha, "dev_prompts": len(prompts),
               "samples_per_prompt": d.samples_per_prompt}
     series = {f"dev reward ({cfg.reward.kind})": ([p["alpha"] for p in curve], [p["reward"] for p in curve])}
     if "gold" in curve[0]:
