@@ -436,3 +436,34 @@ class SoupsConfig(Strict):
             raise ValueError(f"reference_point has {len(self.reference_point)} entries for {len(self.objectives)} "
                              "objectives")
         return self
+
+
+# ---- serving merged, personalised models (rayalign serve) -------------------------------------------
+
+class FamilyConfig(Strict):
+    """A model family: ingredient checkpoints merged per request for a preference vector mu over
+    `objectives` (one ingredient per objective), or for one of its named soups."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the model id clients ask for")
+    kind: Literal["linear", "bone_soup"] = Field("linear", description="linear: theta = sum mu_i theta_i (Rewarded / "
+                                                 "Personalized Soups); bone_soup: lambda = B^-1 mu")
+    models: list[str] = Field(..., min_length=2, description="ingredient directories, relative to the model store")
+    objectives: list[str] = Field(..., min_length=2, description="what each entry of mu weighs, one per model")
+    beta: float | None = Field(None, gt=0.5, lt=1.0, description="bone_soup: diagonal of B")
+    base_model: str | None = Field(None, description="bone_soup with k > 1: the SFT anchor, relative to the store")
+    k: float = Field(1.0, ge=1.0, description="bone_soup: extrapolation against base_model")
+    allow_negative: bool = Field(False, description="linear: accept negative preference entries")
+    soups: dict[str, list[float]] = Field(default_factory=dict, description="named soups: name -> mu")
+
+    @model_validator(mode="after")
+    def _check(self) -> FamilyConfig:
+        if len(self.objectives) != len(self.models):
+            raise ValueError(f"family {self.name}: {len(self.objectives)} objectives for {len(self.models)} models")
+        if self.kind == "bone_soup" and self.beta is None:
+            raise ValueError(f"family {self.name}: bone_soup needs beta")
+        if self.k != 1.0 and not self.base_model:
+            raise ValueError(f"family {self.name}: k != 1 extrapolates against base_model, which is missing")
+        for soup, mu in self.soups.items():
+            if len(mu) != len(self.models):
+                raise ValueError(f"family {self.name}: soup {soup!r} has {len(mu)} weights for {len(self.models)} models")
+        return self

@@ -1,0 +1,87 @@
+"""Serving's pure parts: the byte-bounded LRU of merged weights and the mapping from a request's
+preference vector (or named soup) to merge coefficients, with its errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from rayalign.config.schema import FamilyConfig
+from rayalign.serve.cache import ByteLRU, state_dict_bytes
+from rayalign.serve.families import Family, PreferenceError, in_store, quantise
+
+
+def test_lru_is_bounded_in_bytes_and_evicts_least_recent():
+    c = ByteLRU(100)
+    assert c.put("a", "A", 40) and c.put("b", "B", 40)
+    assert c.get("a") == "A"  # a is now the most recent
+    assert c.put("c", "C", 40)  # evicts b, not a
+    assert "b" not in c and c.get("a") == "A" and c.get("c") == "C" and c.bytes == 80
+    assert not c.put("huge", "H", 101) and "huge" not in c and c.bytes == 80  # larger than the cache: not kept
+    assert c.put("a", "A2", 90) and c.get("a") == "A2" and len(c) == 1 and c.bytes == 90  # refresh re-sizes
+    assert c.get("zzz") is None
+    s = c.stats()
+    assert (s["hits"], s["misses"], s["evictions"]) == (4, 1, 2) and s["hit_rate"] == pytest.approx(0.8)
+    assert state_dict_bytes({"w": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16)}) == 48 + 10
+    with pytest.raises(ValueError):
+        ByteLRU(-1)
+
+
+def test_quantise_keeps_the_simplex():
+    assert quantise(np.array([0.72, 0.28]), 20).tolist() == [0.7, 0.3]
+    q = quantise(np.array([1 / 3, 1 / 3, 1 / 3]), 10)
+    assert q.sum() == pytest.approx(1.0) and sorted(q.tolist()) == [0.3, 0.3, 0.4]
+    assert quantise(np.array([1.0, 0.0]), 7).tolist() == [1.0, 0.0]
+
+
+def _family(tmp_path, **kw):
+    for m in ("a", "b", "sft"):
+        (tmp_path / m).mkdir(exist_ok=True)
+    cfg = FamilyConfig(name="demo-soup", models=["a", "b"], objectives=["informative", "concise"],
+                       soups={"terse": [0.2, 0.8]}, **kw)
+    return Family(cfg, tmp_path, grid=20)
+
+
+def test_linear_family_maps_preferences_to_coefficients(tmp_path):
+    fam = _family(tmp_path)
+    assert fam.resolve(preference=[0.72, 0.28]) == ("demo-soup@20:14,6", [0.7, 0.3])
+    assert fam.resolve(preference=[3, 1]) == ("demo-soup@20:15,5", [0.75, 0.25])  # normalised to the simplex
+    assert fam.resolve(soup="terse") == ("demo-soup@20:4,16", [0.2, 0.8])
+    assert fam.sources() == [tmp_path.resolve() / "a", tmp_path.resolve() / "b"]
+    for bad, match in [([0.5], "takes a preference vector of 2 weights"), ([float("nan"), 1], "finite"),
+                       ([float("inf"), 1], "finite"), ([-0.5, 1.5], "no negative"), ([0, 0], "not all be zero")]:
+        with pytest.raises(PreferenceError, match=match):
+            fam.resolve(preference=bad)
+    with pytest.raises(PreferenceError, match=r"has no soup 'sweet'; it has \['terse'\]"):
+        fam.resolve(soup="sweet")
+    with pytest.raises(PreferenceError, match="either a preference vector or a soup name"):
+        fam.resolve()
+
+
+def test_bone_soup_family_uses_lambda_and_the_sft_anchor(tmp_path):
+    fam = _family(tmp_path, kind="bone_soup", beta=0.7, base_model="sft", k=1.2)
+    key, coefs = fam.resolve(preference=[1.0, 0.0])
+    assert key == "demo-soup@20:20,0"
+    assert coefs == pytest.approx([1.2 * 1.75, 1.2 * -0.75, -0.2])  # k * B^-1 mu, then 1 - k on SFT
+    assert fam.sources()[-1] == tmp_path.resolve() / "sft"
+
+
+def test_model_store_paths_cannot_escape(tmp_path):
+    (tmp_path / "store").mkdir()
+    assert in_store(tmp_path / "store", "x/y") == (tmp_path / "store" / "x" / "y").resolve()
+    for bad in ("../secret", "/etc/passwd", "x/../../secret"):
+        with pytest.raises(PreferenceError, match="outside the model store"):
+            in_store(tmp_path / "store", bad)
+    (tmp_path / "store" / "link").symlink_to(tmp_path)
+    with pytest.raises(PreferenceError, match="outside the model store"):
+        in_store(tmp_path / "store", "link/anything")
+
+
+def test_family_config_errors():
+    with pytest.raises(ValueError, match="2 objectives for 3 models"):
+        FamilyConfig(name="f", models=["a", "b", "c"], objectives=["x", "y"])
+    with pytest.raises(ValueError, match="bone_soup needs beta"):
+        FamilyConfig(name="f", kind="bone_soup", models=["a", "b"], objectives=["x", "y"])
+    with pytest.raises(ValueError, match="soup 's' has 1 weights"):
+        FamilyConfig(name="f", models=["a", "b"], objectives=["x", "y"], soups={"s": [1.0]})
+    with pytest.raises(ValueError, match="name"):
+        FamilyConfig(name="../evil", models=["a", "b"], objectives=["x", "y"])
