@@ -57,19 +57,20 @@ def reward_kl_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out
 
 
 def metric_lines(series: dict[str, list[np.ndarray]], out: str | Path, ylabel: str, title: str,
-                 marks: dict[str, list[int]] | None = None) -> Path:
-    """Per-step lines, one colour per name (several runs each); `marks` puts a red cross on steps
-    (for example where the KL-hack monitor raised its alarm)."""
+                 marks: dict[str, list[int]] | None = None, x: list[float] | None = None,
+                 xlabel: str = "iteration") -> Path:
+    """Lines over steps (or the shared `x`), one colour per name (several runs each); `marks` puts a
+    red cross on steps (for example where the KL-hack monitor raised its alarm)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, runs) in enumerate(series.items()):
         for j, y in enumerate(runs):
-            ax.plot(np.arange(1, len(y) + 1), y, color=colours[i % len(colours)], alpha=0.7,
-                    label=name if j == 0 else None)
+            ax.plot(np.arange(1, len(y) + 1) if x is None else x, y, color=colours[i % len(colours)], alpha=0.7,
+                    marker="o" if x is not None else None, markersize=3, label=name if j == 0 else None)
             for step in (marks or {}).get(name, []):
                 if 1 <= step <= len(y):
                     ax.scatter([step], [y[step - 1]], marker="x", color="red", s=50, zorder=3)
-    return _finish(fig, ax, out, "iteration", ylabel, title)
+    return _finish(fig, ax, out, xlabel, ylabel, title)
 
 
 def xy_lines(series: dict[str, tuple[list[float], list[float]]], out: str | Path, xlabel: str, ylabel: str,

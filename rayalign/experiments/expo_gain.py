@@ -119,6 +119,12 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(r: dict[str, Any], out: Path) -> None:
+    alphas = next(iter(r["per_seed"]["ppo"].values()))["alphas"]
+    metric_lines({m: [np.asarray(row["test_gold"]) for row in r["per_seed"][m].values()] for m in METHODS}, out,
+                 "test gold (combined)", "ExPO: gold against alpha, one line per seed", x=alphas, xlabel="alpha")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,9 +137,7 @@ def main() -> None:
         p.error(f"--demo {a.demo}: no rm/model inside (run `rayalign demo` first)")
     setup_logging()
     r = run(a.demo, a.out, a.seeds, a.samples)
-    metric_lines({m: [np.asarray(row["test_gold"]) for row in r["per_seed"][m].values()] for m in METHODS},
-                 a.out / "gold_vs_alpha.png", "test gold (combined)", "gold against alpha-grid index "
-                 f"(alphas {next(iter(r['per_seed']['ppo'].values()))['alphas']})")
+    plot(r, a.out / "gold_vs_alpha.png")
     atomic_write_json(a.out / "results.json", r)
     atomic_write_text(a.out / "report.md", render(r))
     print(render(r))
