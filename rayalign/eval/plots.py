@@ -85,15 +85,18 @@ def xy_lines(series: dict[str, tuple[list[float], list[float]]], out: str | Path
 
 
 def pareto_fronts(fronts: dict[str, np.ndarray], names: list[str], out: str | Path, title: str,
-                  points: dict[str, np.ndarray] | None = None, reference: np.ndarray | None = None) -> Path:
+                  points: dict[str, np.ndarray] | None = None, reference: np.ndarray | None = None,
+                  styles: dict[str, dict[str, Any]] | None = None) -> Path:
     """Each method's front (its models over the preference grid, joined in grid order) in objective
-    space; with three or more objectives, one panel per pair. `points` marks single models (e.g. SFT)."""
+    space; with three or more objectives, one panel per pair. `points` marks single models (e.g. SFT);
+    `styles` gives a front its matplotlib options (colour, linestyle, label: None to leave it out)."""
     pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.2), squeeze=False)
     for ax, (i, j) in zip(axes[0], pairs):
         for name, f in fronts.items():
             f = np.asarray(f)
-            ax.plot(f[:, i], f[:, j], marker="o", markersize=3.5, label=name)
+            kw = {"marker": "o", "markersize": 3.5, "label": name, **(styles or {}).get(name, {})}
+            ax.plot(f[:, i], f[:, j], **kw)
         for name, p in (points or {}).items():
             ax.scatter([p[i]], [p[j]], marker="*", s=120, zorder=3, color="black", label=name)
         if reference is not None:

@@ -97,6 +97,22 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(r: dict[str, Any], out: Path) -> None:
+    """Every seed's fronts: one colour per method, one line style per seed."""
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    dashes = ["-", "--", ":", "-."]
+    fronts, styles = {}, {}
+    for k, (s, res) in enumerate(r["per_seed"].items()):
+        for c, m in enumerate(res["methods"]):
+            name = f"{LABELS[m]} (seed {s})"
+            fronts[name] = np.asarray(res["methods"][m]["front"])
+            styles[name] = {"color": colours[c % 4], "linestyle": dashes[k % 4],
+                            "label": LABELS[m] if k == 0 else None}
+    pareto_fronts(fronts, r["objectives"], out, "Gold fronts; line style = seed",
+                  points={"SFT": np.asarray(next(iter(r["per_seed"].values()))["sft"])},
+                  reference=np.asarray(r["reference_point"]), styles=styles)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,11 +125,7 @@ def main() -> None:
         p.error(f"--demo {a.demo}: no sft/sft-0 inside (run `rayalign demo` first)")
     setup_logging()
     r = run(a.demo, a.out, a.seeds, a.overrides)
-    fronts = {f"{LABELS[m]} s{s}": np.asarray(res["methods"][m]["front"]) for s, res in r["per_seed"].items()
-              for m in res["methods"] if m != "personalized" or not res["shared_experts"]}
-    pareto_fronts(fronts, r["objectives"], a.out / "fronts.png", "Gold fronts, every seed",
-                  points={"SFT": np.asarray(next(iter(r["per_seed"].values()))["sft"])},
-                  reference=np.asarray(r["reference_point"]))
+    plot(r, a.out / "fronts.png")
     atomic_write_json(a.out / "results.json", r)
     atomic_write_text(a.out / "report.md", render(r))
     print(render(r))
