@@ -10,19 +10,13 @@ from transformers import LlamaForCausalLM
 from rayalign.config.core import ConfigError, load_config
 from rayalign.config.schema import ExpoConfig
 from rayalign.merge.engine import MergeValidationError
-from rayalign.merge.io import Checkpoint
 from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
 from rayalign.recipes.expo import check_pair, choose_alpha, pair_distance, run_expo
 from rayalign.utils.io import OutputExistsError
+from tests.conftest import read_weights, run_cli
 
-
-def _weights(path):
-    ck = Checkpoint(path)
-    try:
-        return {n: ck.read(n).clone() for n in ck.keys()}
-    finally:
-        ck.close()
+_weights = read_weights
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +110,6 @@ def test_merged_model_re_merges_in_place(pair):
 
 
 def test_expo_and_soups_commands_with_the_reward_model(quick_demo, tmp_path):
-    from tests.conftest import run_cli
 
     d = quick_demo
     args = [f"sft={d / 'sft/sft-0'}", f"aligned={d / 'dpo/policy'}", f"reward.model={d / 'rm/model'}",

@@ -18,7 +18,7 @@ from rayalign.merge.spec import MergeSpec, parse_spec, resolve
 from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
 from rayalign.utils.io import OutputExistsError
-from tests.conftest import run_cli
+from tests.conftest import read_weights, run_cli
 
 A, B, C = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0])
 
@@ -107,12 +107,7 @@ def models(tokenizer_and_preset, tmp_path_factory):
     return paths
 
 
-def _weights(path):
-    ck = Checkpoint(path)
-    try:
-        return {n: ck.read(n).clone() for n in ck.keys()}
-    finally:
-        ck.close()
+_weights = read_weights
 
 
 def test_linear_and_task_arithmetic_on_disk_match_hand_math(models, tmp_path):

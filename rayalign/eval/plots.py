@@ -31,11 +31,7 @@ def gold_bars(summaries: dict[str, dict[str, Any]], out: str | Path, title: str 
     ax.set_ylabel("gold reward (mean ± s.e.)")
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=min(len(names), 3))
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def reward_kl_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: str | Path,
@@ -106,12 +102,7 @@ def pareto_fronts(fronts: dict[str, np.ndarray], names: list[str], out: str | Pa
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _finish(fig: Any, ax: Any, out: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -120,6 +111,10 @@ def _finish(fig: Any, ax: Any, out: str | Path, xlabel: str, ylabel: str, title:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def _save(fig: Any, out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ Writes OUT/report.md, OUT/results.json and OUT/gold_vs_alpha.png.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,12 @@ from rayalign.distributed.cluster import connect
 from rayalign.eval.gold import evaluate, win_rate
 from rayalign.eval.merged import MergedModel
 from rayalign.eval.plots import metric_lines
+from rayalign.experiments.common import check_demo, demo_parser, write_report
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.demo import EXPO_FULL, PREF_FULL
 from rayalign.recipes.expo import run_expo
 from rayalign.recipes.ppo import run_rl
 from rayalign.recipes.preference import run_preference
-from rayalign.utils.io import atomic_write_json, atomic_write_text
 from rayalign.utils.logging import log, setup_logging
 from rayalign.world.build import split_prompts
 
@@ -126,21 +125,14 @@ def plot(r: dict[str, Any], out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", type=Path, required=True, help="a demo run directory (with sft/, rm/model)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p = demo_parser(__doc__, "rm/model")
     p.add_argument("--samples", type=int, default=4, help="samples per test prompt")
     a = p.parse_args()
-    if not (a.demo / "rm" / "model").is_dir():
-        p.error(f"--demo {a.demo}: no rm/model inside (run `rayalign demo` first)")
+    check_demo(p, a.demo, "rm/model")
     setup_logging()
     r = run(a.demo, a.out, a.seeds, a.samples)
     plot(r, a.out / "gold_vs_alpha.png")
-    atomic_write_json(a.out / "results.json", r)
-    atomic_write_text(a.out / "report.md", render(r))
-    print(render(r))
+    write_report(a.out, r, render(r))
 
 
 if __name__ == "__main__":

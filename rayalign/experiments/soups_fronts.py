@@ -15,7 +15,6 @@ Writes OUT/report.md, OUT/results.json and OUT/fronts.png (every seed's fronts).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ import numpy as np
 from rayalign.config.core import load_config
 from rayalign.config.schema import DataConfig, LearnerConfig, RMConfig, SoupsConfig, WorldConfig
 from rayalign.eval.plots import pareto_fronts
+from rayalign.experiments.common import check_demo, demo_parser, write_report
 from rayalign.recipes.demo import SOUPS_FULL
 from rayalign.recipes.soups import LABELS, run_soups
 from rayalign.recipes.supervised import run_rm
-from rayalign.utils.io import atomic_write_json, atomic_write_text
 from rayalign.utils.logging import log, setup_logging
 
 
@@ -114,21 +113,14 @@ def plot(r: dict[str, Any], out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", type=Path, required=True, help="a demo run directory (with sft/sft-0)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    p = demo_parser(__doc__, "sft/sft-0")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the soups config, e.g. grid_points=6")
     a = p.parse_args()
-    if not (a.demo / "sft" / "sft-0").is_dir():
-        p.error(f"--demo {a.demo}: no sft/sft-0 inside (run `rayalign demo` first)")
+    check_demo(p, a.demo, "sft/sft-0")
     setup_logging()
     r = run(a.demo, a.out, a.seeds, a.overrides)
     plot(r, a.out / "fronts.png")
-    atomic_write_json(a.out / "results.json", r)
-    atomic_write_text(a.out / "report.md", render(r))
-    print(render(r))
+    write_report(a.out, r, render(r))
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ from rayalign.losses.ppo import (
 from rayalign.models.checkpoint import check_dir, is_local, load_tokenizer
 from rayalign.recipes.loop import batch_indices
 from rayalign.recipes.monitor import KLHackMonitor
-from rayalign.reward.conditioning import PreferenceConditioning
 from rayalign.reference.worker import ReferenceActor
+from rayalign.reward.conditioning import PreferenceConditioning
 from rayalign.reward.scorer import RewardActor
 from rayalign.rollout.fleet import RolloutFleet
 from rayalign.utils.io import atomic_write_json, atomic_write_text, claim_output

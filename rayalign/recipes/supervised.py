@@ -25,7 +25,7 @@ from rayalign.learner.dist import barrier, is_rank0
 from rayalign.learner.engine import Learner
 from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_objective
 from rayalign.losses.sft import causal_lm_loss
-from rayalign.models.checkpoint import is_local, check_dir, load_causal_lm, load_reward_model, load_tokenizer
+from rayalign.models.checkpoint import check_dir, is_local, load_causal_lm, load_reward_model, load_tokenizer
 from rayalign.recipes.loop import fit, plan_steps, world
 from rayalign.utils.io import atomic_write_text, claim_output
 from rayalign.utils.logging import RunLogger, log
