@@ -10,6 +10,7 @@
     rayalign train salsa --config salsa.yaml reference.models=[SFT0,SFT1]   # or: train ppo
     rayalign expo sft=SFT_DIR aligned=DPO_DIR output=DIR reward.model=RM_DIR   # alpha searched on dev prompts
     rayalign soups policy=SFT_DIR output=DIR objectives=[informative,concise]     # soups' fronts, hypervolume
+    rayalign serve --config serve.yaml   # OpenAI-compatible Ray Serve app over personalised merges
     rayalign eval models=[A,B] split=test
 
 Training commands take an optional --config YAML plus dotted overrides (key.sub=value); the
@@ -235,6 +236,36 @@ def soups(config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeO
     except (ValueError, PlacementError) as exc:
         _fail(exc)
     typer.echo(render(result))
+
+
+@app.command("serve")
+def serve_(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Serve personalised merged models with an OpenAI-compatible API on Ray Serve (POST /v1/chat/completions,
+    /v1/completions; GET /v1/models, /health, /ready). A request names a family and a preference vector
+    (extra body field `preference`) or a named soup (`model: family/soup`). Blocks until interrupted."""
+    import time
+
+    from ray import serve
+
+    from rayalign.config.schema import ServeConfig
+    from rayalign.distributed.cluster import connect
+    from rayalign.serve.app import build_app
+
+    if config is None:
+        _fail(ConfigError("rayalign serve needs --config serve.yaml (model_store and families)"))
+    cfg = _run(load_config, ServeConfig, config, overrides or [])
+    connect()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    try:
+        _run(serve.run, build_app(cfg), name="rayalign", route_prefix="/")
+    except ValueError as exc:
+        _fail(exc)
+    typer.echo(f"serving {[f.name for f in cfg.families]} at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 @app.command("eval")

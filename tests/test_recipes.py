@@ -60,6 +60,13 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     assert "conditioning: prompt" in morl_config
     assert "## Soups over preferences: informative vs concise" in report and "| Bone Soups |" in report
     assert (quick_demo / "soups" / "fronts.png").read_bytes()[:4] == b"\x89PNG"
+    # a `rayalign serve` config over the demo's soups
+    from rayalign.config.core import load_config
+    from rayalign.config.schema import ServeConfig
+
+    serve_cfg = load_config(ServeConfig, quick_demo / "serve.yaml")
+    assert [f.name for f in serve_cfg.families] == ["demo-soup", "demo-bone"]
+    assert serve_cfg.families[1].k == soups["chosen"]["bone_k"]
     # resolved configs are saved; no temporary or resume state is left behind
     assert (quick_demo / "sft" / "config.yaml").is_file() and (quick_demo / "rm" / "config.yaml").is_file()
     leftovers = [p for p in quick_demo.rglob("*") if ".tmp-" in p.name or p.name == "state"]

@@ -85,3 +85,13 @@ def test_family_config_errors():
         FamilyConfig(name="f", models=["a", "b"], objectives=["x", "y"], soups={"s": [1.0]})
     with pytest.raises(ValueError, match="name"):
         FamilyConfig(name="../evil", models=["a", "b"], objectives=["x", "y"])
+
+
+def test_merge_keys_name_their_merge_exactly():
+    from rayalign.serve.server import parse_key
+
+    assert parse_key("demo-soup@20:14,6") == ("demo-soup", 20, [14, 6])
+    assert parse_key("a@b@3:1,2") == ("a@b", 3, [1, 2])
+    for bad in ("demo-soup", "demo-soup@20", "demo-soup@x:1,2", "demo-soup@20:1,x"):
+        with pytest.raises(PreferenceError, match="malformed model key"):
+            parse_key(bad)

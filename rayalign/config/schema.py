@@ -467,3 +467,35 @@ class FamilyConfig(Strict):
             if len(mu) != len(self.models):
                 raise ValueError(f"family {self.name}: soup {soup!r} has {len(mu)} weights for {len(self.models)} models")
         return self
+
+
+class ServeConfig(Strict):
+    """`rayalign serve`: an OpenAI-compatible Ray Serve app over merged, personalised models."""
+
+    model_store: str = Field(..., description="directory every family's model paths are relative to; requests "
+                             "can never name a path outside it")
+    families: list[FamilyConfig] = Field(..., min_length=1)
+    preference_grid: int = Field(20, ge=1, description="preference vectors are quantised to steps of 1/grid, so "
+                                 "nearby vectors share one merged model")
+    cache_bytes: int = Field(2 * 1024**3, ge=0, description="merged weights kept per replica (LRU, bytes)")
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    max_tokens_limit: int = Field(256, ge=1, description="largest max_tokens a request may ask for")
+    max_prompt_tokens: int = Field(1024, ge=1, description="longest prompt (tokens) a request may send")
+    api_keys: list[str] = Field(default_factory=list, description="bearer tokens accepted (empty: no auth; "
+                                "RAYALIGN_API_KEY adds one)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1, description="model replicas (min_replicas when autoscaling)")
+    max_replicas: int | None = Field(None, ge=1, description="autoscale up to this many replicas")
+    replica_cpus: float = Field(1.0, ge=0)
+    replica_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServeConfig:
+        names = [f.name for f in self.families]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"families: names {dup} appear more than once")
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < replicas {self.replicas}")
+        return self

