@@ -64,6 +64,7 @@ def test_models_chat_and_completions(client, server):
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
     extra = r.model_extra["rayalign"]
     assert extra["merge_key"] == "demo-soup@20:14,6" and extra["engine"] == "vllm"
+    assert not extra["cache_hit"] and extra["merge_s"] > 0  # the first request for this key merged it
     again = client.chat.completions.create(model="demo-soup", messages=[{"role": "user", "content": "describe the pig ."}],
                                            max_tokens=16, extra_body={"preference": [0.71, 0.29]}, seed=1)
     assert again.model_extra["rayalign"]["merge_key"] == "demo-soup@20:14,6"  # quantised: the same merge

@@ -95,3 +95,13 @@ def test_merge_keys_name_their_merge_exactly():
     for bad in ("demo-soup", "demo-soup@20", "demo-soup@x:1,2", "demo-soup@20:1,x"):
         with pytest.raises(PreferenceError, match="malformed model key"):
             parse_key(bad)
+
+
+def test_requests_for_the_loaded_key_go_first_but_cannot_starve_others():
+    from rayalign.serve.server import pick_next
+
+    assert pick_next(["b", "a", "a"], "a", streak=1, max_streak=8) == 1  # no swap needed
+    assert pick_next(["b", "c"], "a", streak=1, max_streak=8) == 0  # the oldest
+    assert pick_next(["b", "a"], "a", streak=8, max_streak=8) == 0  # a ran 8 times in a row: b's turn
+    assert pick_next(["a", "a"], "a", streak=20, max_streak=8) == 0  # nobody else waits
+    assert pick_next(["b"], None, streak=0, max_streak=8) == 0

@@ -49,10 +49,13 @@ class ModelServer:
         from rayalign.serve.server import PersonalizedServer
 
         self.server = PersonalizedServer(ServeConfig.model_validate(config))
+        self._merge_s: dict[str, float] = {}
 
     @serve.multiplexed(max_num_models_per_replica=1024)
     async def get_model(self, key: str) -> str:
-        await asyncio.to_thread(self.server.merged, key)  # byte-bounded LRU inside
+        _, hit, merge_s = await asyncio.to_thread(self.server.merged, key)  # byte-bounded LRU inside
+        if not hit:
+            self._merge_s[key] = merge_s  # reported with the request that caused the merge
         return key
 
     async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +64,8 @@ class ModelServer:
         key = serve.get_multiplexed_model_id()
         await self.get_model(key)
         rollouts, info = await asyncio.to_thread(self.server.generate, key, [prompt_ids], SamplingConfig(**sampling))
+        if key in self._merge_s:
+            info.update(cache_hit=False, merge_s=self._merge_s.pop(key))
         return {"responses": [r.response_ids for r in rollouts], "finished": [r.finished for r in rollouts],
                 "info": info, "cache": self.server.cache.stats()}
 

