@@ -43,6 +43,12 @@ def bone_soup_coefficients(mu: np.ndarray | list[float], beta: float) -> np.ndar
     return (mu - c * mu.sum()) / (beta - c)
 
 
+def extrapolated(lam: np.ndarray | list[float], k: float) -> list[float]:
+    """Coefficients of k * sum_j lam_j theta_j + (1 - k) theta_SFT on [theta_1..theta_n, theta_SFT]
+    (Bone Soups' extrapolation against the SFT model; k = 1 gives the anchor weight 0)."""
+    return [float(k * x) for x in lam] + [1.0 - k]
+
+
 def backbone_rewards(rewards: np.ndarray, beta: float) -> np.ndarray:
     """h = B r for reward vectors r (last axis: objectives)."""
     r = np.asarray(rewards, dtype=np.float64)

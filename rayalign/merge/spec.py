@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 
 from rayalign.config.core import ConfigError, Strict
 from rayalign.merge import kernels
-from rayalign.merge.coefficients import bone_soup_coefficients
+from rayalign.merge.coefficients import bone_soup_coefficients, extrapolated
 
 Kernel = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,7 +125,7 @@ def resolve(spec: MergeSpec) -> Resolved:
     k = spec.k
     assert spec.base_model
     return Resolved([*names, spec.base_model], lambda ts: kernels.extrapolate(kernels.linear(ts[:-1], lam), ts[-1], k),
-                    [k * x for x in lam] + [1.0 - k], names[0])
+                    extrapolated(lam, k), names[0])
 
 
 def from_mergekit(data: dict[str, Any]) -> MergeSpec:

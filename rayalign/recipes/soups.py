@@ -34,7 +34,7 @@ from rayalign.distributed.cluster import connect
 from rayalign.eval.merged import MergedModel, rollout_scores
 from rayalign.eval.pareto import controllability, hypervolume, preference_grid
 from rayalign.eval.plots import pareto_fronts, xy_lines
-from rayalign.merge.coefficients import bone_matrix, bone_soup_coefficients
+from rayalign.merge.coefficients import bone_matrix, bone_soup_coefficients, extrapolated
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.ppo import load_prompts, run_rl
 from rayalign.reward.conditioning import PreferenceConditioning
@@ -189,8 +189,7 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
         merged = MergedModel([*(policies[f"backbone-{j}"] for j in range(k)), cfg.policy])
 
         def bone(kk: float) -> Callable[[np.ndarray], tuple[Any, Any, None]]:
-            return lambda mu: (merged.set([*(kk * bone_soup_coefficients(mu, cfg.bone_beta)), 1.0 - kk]),
-                               merged.tok, None)
+            return lambda mu: (merged.set(extrapolated(bone_soup_coefficients(mu, cfg.bone_beta), kk)), merged.tok, None)
 
         dev_hv = {}
         for kk in cfg.bone_k:

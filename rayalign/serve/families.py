@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rayalign.config.schema import FamilyConfig
-from rayalign.merge.coefficients import bone_soup_coefficients
+from rayalign.merge.coefficients import bone_soup_coefficients, extrapolated
 
 
 class PreferenceError(ValueError):
@@ -83,9 +83,7 @@ class Family:
             lam = mu
         else:
             lam = bone_soup_coefficients(mu, self.cfg.beta)  # type: ignore[arg-type]
-        k = self.cfg.k
-        coefs = [float(k * x) for x in lam]
-        return coefs + [1.0 - k] if self.anchor is not None else coefs
+        return extrapolated(lam, self.cfg.k) if self.anchor is not None else [float(x) for x in lam]
 
     def sources(self) -> list[Path]:
         return [*self.paths, self.anchor] if self.anchor is not None else list(self.paths)
