@@ -101,14 +101,3 @@ def tokenizer_and_preset(tmp_path_factory: pytest.TempPathFactory):
     tok = train_tokenizer(0)
     path = build_preset("tiny", tmp_path_factory.mktemp("preset") / "tiny", tok)
     return tok, path
-
-
-def read_weights(path) -> dict:
-    """Every tensor of a safetensors model directory, as read by the merge engine."""
-    from rayalign.merge.io import Checkpoint
-
-    ck = Checkpoint(path)
-    try:
-        return {n: ck.read(n).clone() for n in ck.keys()}
-    finally:
-        ck.close()

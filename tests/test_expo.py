@@ -10,13 +10,14 @@ from transformers import LlamaForCausalLM
 from rayalign.config.core import ConfigError, load_config
 from rayalign.config.schema import ExpoConfig
 from rayalign.merge.engine import MergeValidationError
+from rayalign.merge.io import read_state_dict
 from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
 from rayalign.recipes.expo import check_pair, choose_alpha, pair_distance, run_expo
 from rayalign.utils.io import OutputExistsError
-from tests.conftest import read_weights, run_cli
+from tests.conftest import run_cli
 
-_weights = read_weights
+_weights = read_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from transformers import LlamaForCausalLM
 from rayalign.merge import kernels
 from rayalign.merge.coefficients import backbone_rewards, bone_matrix, bone_soup_coefficients
 from rayalign.merge.engine import MergeValidationError, merge_into, merge_state_dicts, merge_to_disk
-from rayalign.merge.io import Checkpoint, MergeInputError
+from rayalign.merge.io import Checkpoint, MergeInputError, read_state_dict
 from rayalign.merge.spec import MergeSpec, parse_spec, resolve
 from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
 from rayalign.utils.io import OutputExistsError
-from tests.conftest import read_weights, run_cli
+from tests.conftest import run_cli
 
 A, B, C = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0])
 
@@ -107,7 +107,7 @@ def models(tokenizer_and_preset, tmp_path_factory):
     return paths
 
 
-_weights = read_weights
+_weights = read_state_dict
 
 
 def test_linear_and_task_arithmetic_on_disk_match_hand_math(models, tmp_path):

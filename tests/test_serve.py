@@ -93,8 +93,8 @@ def test_streaming_chat_and_completion_match_the_whole_answer(client):
 
 def test_the_served_merge_is_the_merge_engines(server, quick_demo):
     """What a replica generates with is k * B^-1 mu over the backbones plus (1 - k) SFT, exactly."""
+    from rayalign.merge.io import read_state_dict as read_weights
     from rayalign.serve.server import PersonalizedServer
-    from tests.conftest import read_weights
 
     cfg = serve_config(quick_demo, 1, engine="hf")
     srv = PersonalizedServer(cfg)

@@ -18,7 +18,7 @@ import torch
 
 from rayalign.eval.gold import generate
 from rayalign.merge.engine import merge_into, validate
-from rayalign.merge.io import Checkpoint
+from rayalign.merge.io import Checkpoint, read_state_dict
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.reward.scorer import RewardScorer
 
@@ -31,13 +31,12 @@ class MergedModel:
             raise ValueError("MergedModel needs at least one model")
         ckpts = [Checkpoint(p) for p in paths]
         validate(ckpts)
+        for c in ckpts:
+            c.close()
         self.paths = [str(p) for p in paths]
         self.model, self.tok = load_causal_lm(paths[0])
         self.model.eval()
-        self.sources = []
-        for c in ckpts:
-            self.sources.append({name: c[name] for name in c.tensors})
-            c.close()
+        self.sources = [read_state_dict(p) for p in paths]
         self.coefficients: list[float] = [1.0] + [0.0] * (len(paths) - 1)
 
     def set(self, coefficients: Sequence[float]) -> Any:

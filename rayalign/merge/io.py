@@ -141,6 +141,16 @@ class Checkpoint:
         self._handles.clear()
 
 
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, in memory (optionally cast): the ingredients that are
+    merged again and again in place (searches over merges, Serve replicas)."""
+    ck = Checkpoint(path)
+    try:
+        return {n: ck.read(n) if dtype is None else ck.read(n).to(dtype) for n in ck.keys()}
+    finally:
+        ck.close()
+
+
 def shard_plan(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int) -> list[list[int]]:
     """Split tensors (in order) into shards of at most max_shard_bytes (a larger tensor gets its own)."""
     shards: list[list[int]] = [[]]

@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rayalign.config.schema import ServeConfig
 from rayalign.merge import kernels
-from rayalign.merge.engine import validate
-from rayalign.merge.io import Checkpoint
+from rayalign.merge.engine import merge_state_dicts, validate
+from rayalign.merge.io import Checkpoint, read_state_dict
 from rayalign.models.checkpoint import load_tokenizer
 from rayalign.rollout.engine import Rollout, SamplingConfig, make_engine
 from rayalign.serve.cache import ByteLRU, state_dict_bytes
@@ -72,11 +73,7 @@ class PersonalizedServer:
 
     def _weights(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._ingredients:
-            ck = Checkpoint(path)
-            try:
-                self._ingredients[path] = {n: ck.read(n).float() for n in ck.keys()}
-            finally:
-                ck.close()
+            self._ingredients[path] = read_state_dict(path, torch.float32)
         return self._ingredients[path]
 
     def coefficients(self, key: str) -> tuple[Family, list[float]]:
@@ -86,7 +83,7 @@ class PersonalizedServer:
             raise PreferenceError(f"unknown model {name!r}; served: {sorted(self.families)}")
         if grid != fam.grid or len(nums) != fam.n:
             raise PreferenceError(f"model key {key!r} does not match family {name} (grid {fam.grid}, {fam.n} weights)")
-        mu = torch.tensor(nums, dtype=torch.float64).numpy() / grid
+        mu = np.asarray(nums, dtype=np.float64) / grid
         return fam, fam.coefficients(mu)
 
     def merged(self, key: str) -> tuple[dict[str, torch.Tensor], bool, float]:
@@ -96,8 +93,8 @@ class PersonalizedServer:
             return cached, True, 0.0
         t0 = time.perf_counter()
         fam, coefs = self.coefficients(key)
-        sources = [self._weights(p) for p in fam.sources()]
-        merged = {n: kernels.weighted_sum([s[n] for s in sources], coefs) for n in sources[0]}
+        merged = merge_state_dicts([self._weights(p) for p in fam.sources()],
+                                   lambda ts: kernels.weighted_sum(ts, coefs))
         self.cache.put(key, merged, state_dict_bytes(merged))
         return merged, False, time.perf_counter() - t0
 
