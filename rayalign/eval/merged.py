@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from rayalign.eval.gold import generate
 from rayalign.merge.engine import merge_into, validate
@@ -47,17 +46,21 @@ class MergedModel:
         return self.model
 
 
+def sample_flat(model: Any, tok: Any, prompts: list[str], n: int = 2, max_new_tokens: int = 40,
+                temperature: float = 1.0, seed: int = 0, inputs: list[Any] | None = None) -> tuple[list[str], list[str]]:
+    """n seeded samples per prompt, flattened prompt-major: (prompt of each sample, its response).
+
+    `inputs` replaces what the model is shown (e.g. preference-conditioned messages); the returned
+    prompts are always the bare ones, for scorers."""
+    responses = generate(model, tok, inputs if inputs is not None else prompts, n=n,
+                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return [p for p in prompts for _ in range(n)], [r for rs in responses for r in rs]
+
+
 def rollout_scores(model: Any, tok: Any, prompts: list[str], scorer: RewardScorer, n: int = 2,
                    max_new_tokens: int = 40, temperature: float = 1.0, seed: int = 0,
                    inputs: list[Any] | None = None) -> np.ndarray:
-    """Sample n responses per prompt and score them: [P, n, K] over the scorer's objectives.
-
-    `inputs` replaces what the model is shown (e.g. preference-conditioned messages); the scorer
-    always sees the bare prompts."""
-    torch.manual_seed(seed)
-    responses = generate(model, tok, inputs if inputs is not None else prompts, n=n,
-                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    flat_p = [p for p in prompts for _ in range(n)]
-    flat_r = [r for rs in responses for r in rs]
+    """Sample n responses per prompt and score them: [P, n, K] over the scorer's objectives."""
+    flat_p, flat_r = sample_flat(model, tok, prompts, n, max_new_tokens, temperature, seed, inputs)
     vec = scorer.score(flat_p, flat_r)["vector"]
     return np.asarray(vec, dtype=np.float64).reshape(len(prompts), n, -1)

@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from rayalign.config.core import dump_config
 from rayalign.config.schema import ExpoConfig, ScorerConfig, WorldConfig
-from rayalign.eval.gold import generate
-from rayalign.eval.merged import MergedModel
+from rayalign.eval.merged import MergedModel, sample_flat
 from rayalign.eval.plots import xy_lines
 from rayalign.merge.engine import merge_to_disk
 from rayalign.merge.spec import MergeSpec
@@ -103,10 +102,8 @@ def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
     gold_pp: dict[float, np.ndarray] = {}
     for alpha in tqdm(cfg.alphas, desc="expo alpha"):
         model = merged.set([-alpha, 1.0 + alpha])
-        responses = generate(model, merged.tok, prompts, n=d.samples_per_prompt, max_new_tokens=d.max_new_tokens,
-                             temperature=d.temperature, seed=cfg.seed)
-        flat_p = [p for p in prompts for _ in range(d.samples_per_prompt)]
-        flat_r = [r for rs in responses for r in rs]
+        flat_p, flat_r = sample_flat(model, merged.tok, prompts, d.samples_per_prompt, d.max_new_tokens,
+                                     d.temperature, cfg.seed)
         reward = scorer.score(flat_p, flat_r)["combined"].reshape(len(prompts), -1).mean(1)
         point = {"alpha": alpha, "reward": float(reward.mean()),
                  "reward_se": float(reward.std(ddof=1) / math.sqrt(len(reward))) if len(reward) > 1 else 0.0,
