@@ -172,19 +172,22 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
     scores: dict[str, np.ndarray] = {}
     chosen: dict[str, Any] = {}
 
-    def soup(names: list[str]) -> Callable[[np.ndarray], tuple[Any, Any, None]]:
-        merged = MergedModel([policies[n] for n in names])
-        return lambda mu: (merged.set(mu), merged.tok, None)
+    soup_fronts: dict[tuple[str, ...], np.ndarray] = {}
+
+    def soup_front(prefix: str, desc: str) -> np.ndarray:
+        """theta = sum_i mu_i theta_i over the experts; evaluated once per expert set (without a reward
+        model, Personalized Soups' experts are Rewarded Soups')."""
+        names = tuple(f"{prefix}-{o}" for o in objs)
+        if names not in soup_fronts:
+            merged = MergedModel([policies[n] for n in names])
+            soup_fronts[names] = test.front(grid, lambda mu: (merged.set(mu), merged.tok, None), desc)
+        return soup_fronts[names]
 
     if "rewarded" in cfg.methods:
-        scores["rewarded"] = test.front(grid, soup([f"expert-{o}" for o in objs]), "rewarded soups")
+        scores["rewarded"] = soup_front("expert", "rewarded soups")
     if "personalized" in cfg.methods:
-        if cfg.personalized_reward_model:
-            scores["personalized"] = test.front(grid, soup([f"personal-{o}" for o in objs]), "personalized soups")
-        else:  # the same experts and the same merge as Rewarded Soups
-            scores["personalized"] = scores.get("rewarded")
-            if scores["personalized"] is None:
-                scores["personalized"] = test.front(grid, soup([f"expert-{o}" for o in objs]), "personalized soups")
+        scores["personalized"] = soup_front("personal" if cfg.personalized_reward_model else "expert",
+                                            "personalized soups")
     if "bone" in cfg.methods:
         merged = MergedModel([*(policies[f"backbone-{j}"] for j in range(k)), cfg.policy])
 
