@@ -17,11 +17,13 @@ def reference(tmp_path_factory):
     return losses, torch.load(out)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_single_rank(stage, reference, tmp_path):
+@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), (3, True)],
+                         ids=["zero2", "zero3", "zero3-gradient-checkpointing"])
+def test_two_ranks_match_single_rank(stage, checkpointing, reference, tmp_path):
+    """ZeRO-3 with gradient checkpointing is the 7B recipes' learner setting."""
     ref_losses, ref_sd = reference
     out = tmp_path / f"zero{stage}.pt"
-    per_rank = spawn_ranks(tiny_lm_steps, 2, args=(stage, STEPS, GLOBAL_BATCH, str(out)))
+    per_rank = spawn_ranks(tiny_lm_steps, 2, args=(stage, STEPS, GLOBAL_BATCH, str(out), checkpointing))
     # each rank logs the loss of its half of the batch; their mean is the global loss
     mean_losses = [(a + b) / 2 for a, b in zip(*per_rank)]
     assert mean_losses == pytest.approx(ref_losses, rel=1e-4)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def tiny_lm_steps(rank: int, world_size: int, zero_stage: int, steps: int, global_batch: int, out: str) -> list[float]:
+def tiny_lm_steps(rank: int, world_size: int, zero_stage: int, steps: int, global_batch: int, out: str,
+                  checkpointing: bool = False) -> list[float]:
     """Train a freshly initialised tiny Llama for `steps` on fixed data; rank 0 saves the full
     weights to `out`. Every rank sees its slice of the same global batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,7 +20,8 @@ def tiny_lm_steps(rank: int, world_size: int, zero_stage: int, steps: int, globa
                                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=32,
                                          tie_word_embeddings=False))
     per_rank = global_batch // world_size
-    learner = Learner(model, LearnerConfig(zero_stage=zero_stage, lr=1e-2, micro_batch_size=per_rank, grad_clip=1e9))
+    learner = Learner(model, LearnerConfig(zero_stage=zero_stage, lr=1e-2, micro_batch_size=per_rank, grad_clip=1e9,
+                                           gradient_checkpointing=checkpointing))
     data = torch.randint(0, 64, (steps, global_batch, 16), generator=torch.Generator().manual_seed(1))
 
     def loss_fn(m, b):

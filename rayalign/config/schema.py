@@ -24,6 +24,8 @@ class LearnerConfig(Strict):
     micro_batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass "
+                                         "(long sequences at 7B scale)")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     seed: int = 0
 
@@ -128,14 +130,21 @@ class RolloutConfig(Strict):
     max_new_tokens: int = Field(40, ge=1)
     n: int = Field(1, ge=1, description="samples per prompt")
     max_restarts: int = Field(3, ge=0, description="times a dead worker is restarted and re-synced")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on a GPU: share of the GPU's "
+                                          "memory for weights and KV cache (ignored on CPU)")
 
 
 class RewardConfig(Strict):
     kind: Literal["gold", "model"] = Field(
         "gold", description="'gold': the embedded world's reward functions; 'model': a trained reward model")
-    model: str | None = Field(None, description="reward model directory (kind 'model')")
+    model: str | list[str] | None = Field(
+        None, description="reward model directory (kind 'model'), or a list of them whose heads are stacked "
+        "into one objective vector (e.g. separate helpful and harmless models)")
     weights: list[float] = Field(default_factory=lambda: [0.6, 0.2, 0.2],
-                                 description="combination of the objective vector (gold, or a multi-head model)")
+                                 description="combination of the objective vector (gold, a multi-head model or "
+                                 "several models)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on a GPU, float32 on the CPU")
     missing_eos_penalty: float | None = Field(
         None, description="subtracted from the score of responses cut at max_new_tokens")
     conditioning: Literal["none", "prompt"] = Field(
@@ -155,6 +164,8 @@ class ReferenceConfig(Strict):
     models: list[str] = Field(default_factory=list,
                               description="empty: the policy's starting checkpoint (plain PPO)")
     weights: list[float] | None = Field(None, description="soup weights; default uniform")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on a GPU, float32 on the CPU (the soup is merged in float32)")
     workers: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=0.25)
     max_restarts: int = Field(3, ge=0)
@@ -346,7 +357,8 @@ class ScorerConfig(Strict):
     trained reward model (scalar, or one head per objective)."""
 
     kind: Literal["gold", "model"] = "model"
-    model: str | None = Field(None, description="reward model directory (kind 'model')")
+    model: str | list[str] | None = Field(None, description="reward model directory (kind 'model'), or a list "
+                                          "whose heads are stacked")
     weights: list[float] | None = Field(None, description="combination of a vector score; default world.weights "
                                         "for gold, a scalar reward model needs none")
 

@@ -61,6 +61,10 @@ class Learner:
     def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, total_steps: int | None = None):
         init_process_group(cfg.backend)
         self.cfg = cfg
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"learner.gradient_checkpointing: {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         total = total_steps or 0
         sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))) \
             if total else None

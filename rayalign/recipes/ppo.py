@@ -144,9 +144,10 @@ class Roles:
         self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
                                   learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed)
         scorers = [RewardActor.options(**plan.options("reward", i), max_restarts=cfg.reward.max_restarts)
-                   .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights) for i in range(cfg.reward.workers)]
+                   .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights, dtype=cfg.reward.dtype)
+                   for i in range(cfg.reward.workers)]
         refs = [ReferenceActor.options(**plan.options("reference", i), max_restarts=cfg.reference.max_restarts)
-                .remote(cfg.reference.models, cfg.reference.weights, r.temperature)
+                .remote(cfg.reference.models, cfg.reference.weights, r.temperature, cfg.reference.dtype)
                 for i in range(cfg.reference.workers)]
         self.rollout = self.fleet.pool
         self.reward = ActorPool("reward", scorers)

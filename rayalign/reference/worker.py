@@ -14,10 +14,12 @@ from rayalign.losses.logprobs import token_logprobs
 from rayalign.merge.engine import merge_into
 from rayalign.merge.io import Checkpoint
 from rayalign.models.checkpoint import load_causal_lm
+from rayalign.utils.device import place, to_device
 
 
 class ReferenceWorker:
-    def __init__(self, models: list[str], weights: list[float] | None = None, temperature: float = 1.0):
+    def __init__(self, models: list[str], weights: list[float] | None = None, temperature: float = 1.0,
+                 dtype: str = "auto"):
         if not models:
             raise ValueError("a reference worker needs at least one model")
         w = weights if weights is not None else [1.0 / len(models)] * len(models)
@@ -25,8 +27,8 @@ class ReferenceWorker:
             raise ValueError(f"{len(w)} soup weights for {len(models)} reference models")
         self.model, _ = load_causal_lm(models[0], with_tokenizer=False)
         if len(models) > 1 or w[0] != 1.0:
-            merge_into(self.model, [Checkpoint(m) for m in models], w)
-        self.model.eval()
+            merge_into(self.model, [Checkpoint(m) for m in models], w)  # in float32, on the CPU
+        self.model = place(self.model, dtype).eval()  # then onto this actor's GPU, if it has one
         self.temperature = temperature
         self.description = {"models": list(models), "weights": list(w)}
 
@@ -35,12 +37,14 @@ class ReferenceWorker:
 
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_logprobs(logits, batch["input_ids"], self.temperature)
+        b = to_device(batch, self.model.device)
+        logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+        return token_logprobs(logits, b["input_ids"], self.temperature).cpu()
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = to_device(batch, self.model.device)
+        return self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().cpu()
 
 
 ReferenceActor = ray.remote(ReferenceWorker)

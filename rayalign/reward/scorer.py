@@ -6,10 +6,12 @@ configured weights. The Ray actor is a thin shell; the class is used in-process 
     scorer = RewardScorer("gold", weights=[0.6, 0.2, 0.2])
     out = scorer.score(["what colour is the apple ?"], ["the apple is red ."])
     out["combined"], out["vector"]          # [n], [n, k]
+    RewardScorer("model", ["rm-helpful", "rm-harmless"], weights=[0.7, 0.3])   # heads stacked
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,26 +19,32 @@ import ray
 import torch
 
 from rayalign.data.tokenize import encode_conversation, pad
+from rayalign.utils.device import place
 from rayalign.world.gold import OBJECTIVES, gold_vector
 
 
 class RewardScorer:
-    def __init__(self, kind: str, model: str | None = None, weights: list[float] | None = None,
-                 max_len: int = 256, batch_size: int = 64):
+    """kind 'gold': the world's objective vector. kind 'model': one reward model directory, or
+    several (e.g. one per objective, as Rewarded and Bone Soups use with separate helpful and
+    harmless models), whose heads are stacked into one vector in the order given."""
+
+    def __init__(self, kind: str, model: str | list[str] | None = None, weights: list[float] | None = None,
+                 max_len: int = 256, batch_size: int = 64, dtype: str = "auto"):
         self.kind = kind
         self.max_len, self.batch_size = max_len, batch_size
+        self.models: list[tuple[Any, Any]] = []
         if kind == "gold":
             self.objectives = list(OBJECTIVES)
         elif kind == "model":
-            if not model:
+            paths = [model] if isinstance(model, str) else list(model or [])
+            if not paths:
                 raise ValueError("a reward scorer of kind 'model' needs a reward model directory")
             from rayalign.models.checkpoint import load_reward_model
 
-            self.model, self.tok = load_reward_model(model)
-            self.model.eval()
-            k = int(self.model.config.num_labels)
-            self.objectives = ["reward"] if k == 1 else list(OBJECTIVES[:k]) if k <= len(OBJECTIVES) \
-                else [f"head{i}" for i in range(k)]
+            for p in paths:
+                m, tok = load_reward_model(p)
+                self.models.append((place(m, dtype).eval(), tok))
+            self.objectives = _head_names(paths, [int(m.config.num_labels) for m, _ in self.models])
         else:
             raise ValueError(f"unknown reward kind {kind!r}; use 'gold' or 'model'")
         k = len(self.objectives)
@@ -67,15 +75,34 @@ class RewardScorer:
 
     @torch.no_grad()
     def _model(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        return np.concatenate([self._one_model(m, tok, prompts, responses) for m, tok in self.models], axis=1)
+
+    def _one_model(self, model: Any, tok: Any, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Each reward model reads the conversation through its own tokenizer and chat template."""
         out = []
         for b in range(0, len(prompts), self.batch_size):
-            seqs = [encode_conversation(self.tok, [{"role": "user", "content": p},
-                                                   {"role": "assistant", "content": r}], self.max_len)["input_ids"]
+            seqs = [encode_conversation(tok, [{"role": "user", "content": p},
+                                              {"role": "assistant", "content": r}], self.max_len)["input_ids"]
                     for p, r in zip(prompts[b:b + self.batch_size], responses[b:b + self.batch_size])]
-            ids = pad(seqs, self.tok.pad_token_id)
-            mask = pad([[1] * len(s) for s in seqs], 0)
-            out.append(self.model(input_ids=ids, attention_mask=mask).logits.float())
-        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, len(self.objectives)))
+            ids = pad(seqs, tok.pad_token_id).to(model.device)
+            mask = pad([[1] * len(s) for s in seqs], 0).to(model.device)
+            out.append(model(input_ids=ids, attention_mask=mask).logits.float().cpu())
+        k = int(model.config.num_labels)
+        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, k))
+
+
+def _head_names(paths: list[str], heads: list[int]) -> list[str]:
+    """One model: 'reward' for a scalar head, the world's objectives for a head per objective.
+    Several: each model's directory name (with /i per head of a multi-head model)."""
+    if len(paths) == 1:
+        k = heads[0]
+        return ["reward"] if k == 1 else list(OBJECTIVES[:k]) if k <= len(OBJECTIVES) else [f"head{i}" for i in range(k)]
+    names = []
+    for i, (p, k) in enumerate(zip(paths, heads)):
+        stem = Path(p.rstrip("/")).name or f"model{i}"
+        stem = stem if stem not in ("model", "") else f"{Path(p.rstrip('/')).parent.name}"
+        names += [stem] if k == 1 else [f"{stem}/{j}" for j in range(k)]
+    return [n if names.count(n) == 1 else f"{i}:{n}" for i, n in enumerate(names)]
 
 
 RewardActor = ray.remote(RewardScorer)

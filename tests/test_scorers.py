@@ -1,0 +1,49 @@
+"""Inference workers in-process: reward scorers over one or several reward models, and the
+reference worker's dtype choice (the GPU clusters run both in bfloat16; here float32 on CPU)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rayalign.reference.worker import ReferenceWorker
+from rayalign.reward.scorer import RewardScorer
+from rayalign.world.build import split_prompts
+
+PROMPTS = split_prompts(0)["test"][:4]
+RESPONSES = ["hello !", "", "thank you for asking . " * 3, "the answer is not known ."]
+
+
+def test_several_reward_models_stack_their_heads(quick_demo, tmp_path):
+    rm = quick_demo / "rm" / "model"
+    other = tmp_path / "harmless" / "model"
+    shutil.copytree(rm, other)
+    alone = RewardScorer("model", str(rm)).score(PROMPTS, RESPONSES)
+    both = RewardScorer("model", [str(rm), str(other)], weights=[0.7, 0.3])
+    assert both.objectives == ["rm", "harmless"]  # named by directory ('model' -> its parent)
+    out = both.score(PROMPTS, RESPONSES)
+    assert out["vector"].shape == (4, 2)
+    np.testing.assert_allclose(out["vector"][:, 0], alone["vector"][:, 0], rtol=1e-6)
+    np.testing.assert_allclose(out["vector"][:, 1], alone["vector"][:, 0], rtol=1e-6)
+    np.testing.assert_allclose(out["combined"], out["vector"] @ [0.7, 0.3])
+    assert len(set(np.round(alone["vector"][:, 0], 5))) > 1  # the responses are told apart
+    with pytest.raises(ValueError, match=r"reward.weights has 3 entries, the scorer gives 2 objectives"):
+        RewardScorer("model", [str(rm), str(other)], weights=[0.5, 0.3, 0.2])
+    with pytest.raises(ValueError, match="needs a reward model directory"):
+        RewardScorer("model", [])
+
+
+def test_reference_worker_dtype(quick_demo):
+    sft = [str(quick_demo / "sft" / "sft-0"), str(quick_demo / "sft" / "sft-1")]
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21], [1, 7, 11, 2, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    fp32 = ReferenceWorker(sft, dtype="auto")  # float32 on the CPU
+    assert next(fp32.model.parameters()).dtype == torch.float32
+    ref = fp32.logprobs(batch)
+    bf16 = ReferenceWorker(sft, dtype="bfloat16").logprobs(batch)
+    assert ref.shape == bf16.shape == (2, 5) and bf16.dtype == torch.float32 and bf16.device.type == "cpu"
+    assert float((ref - bf16).abs().max()) < 0.25  # bfloat16 rounding, not another model
+    assert float((ref - bf16).abs().max()) > 0      # it did run in bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        ReferenceWorker(sft[:1], dtype="fp8")
