@@ -1,6 +1,7 @@
 """Real-data loaders (UltraChat / UltraFeedback layouts from local files), row errors, chat-template masks."""
 
 import json
+import shutil
 
 import pytest
 from datasets import Dataset
@@ -77,3 +78,34 @@ def test_chat_template_masks_only_assistant_turns(tokenizer_and_preset):
     conv = encode_conversation(tok, ULTRAFEEDBACK_ROW["chosen"], max_len=128)
     assert tok.decode(conv["input_ids"][conv["prompt_len"]:]) == "the cat is black .<|end|>"
     assert encode_sft(tok, ULTRACHAT_ROW["messages"], max_len=5)["input_ids"] == ids[:5]
+
+
+def test_sft_from_a_base_without_chat_template(tokenizer_and_preset, tmp_path):
+    """A base model such as Llama-2-7b-hf has no chat template: SFT says so before writing
+    anything, takes the recipes' template file, checks it renders, and saves it with the model."""
+    from rayalign.models.checkpoint import load_tokenizer
+    from tests.conftest import ROOT, run_cli
+
+    tok, preset = tokenizer_and_preset
+    base = tmp_path / "base"
+    shutil.copytree(preset, base)
+    bare = load_tokenizer(base)
+    bare.chat_template = None
+    bare.save_pretrained(base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    data = _jsonl(tmp_path / "chat.jsonl", [ULTRACHAT_ROW] * 8)
+    args = ["sft", f"base={base}", f"data.source={data}", "seeds=[0]", "epochs=1", "learner.micro_batch_size=4"]
+    proc = run_cli(*args, f"output={tmp_path / 'a'}", check=False)
+    assert proc.returncode == 2 and "has no chat template; set chat_template: FILE" in proc.stderr
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")
+    proc = run_cli(*args, f"output={tmp_path / 'a'}", f"chat_template={broken}", check=False)
+    assert proc.returncode == 2 and "does not render a conversation" in proc.stderr
+    assert not (tmp_path / "a").exists()
+    template = ROOT / "clusters/recipes/salsa-7b/chat_template.jinja"
+    run_cli(*args, f"output={tmp_path / 'a'}", f"chat_template={template}")
+    saved = load_tokenizer(tmp_path / "a" / "sft-0")
+    assert saved.chat_template == template.read_text()
+    enc = encode_sft(saved, ULTRACHAT_ROW["messages"], 256)
+    trained = saved.decode([i for i, lbl in zip(enc["input_ids"], enc["labels"]) if lbl != IGNORE])
+    assert "two plus two is four" in trained and "six" in trained and "three plus three" not in trained

@@ -80,6 +80,8 @@ class SFTConfig(Strict):
     base: str = Field(..., description="the base model every SFT seed starts from")
     output: str = Field(..., description="directory; seed s is written to OUTPUT/sft-s")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    chat_template: str | None = Field(None, description="a Jinja chat-template file put on the base's tokenizer "
+                                      "(base models such as Llama-2-7b-hf have none); saved with every SFT model")
     data: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
     learner: LearnerConfig = LearnerConfig(lr=1e-3, micro_batch_size=16)

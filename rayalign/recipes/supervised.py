@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayalign.config.core import dump_config
+from rayalign.config.core import ConfigError, dump_config
 from rayalign.config.schema import DataConfig, PretrainConfig, RMConfig, SFTConfig, WorldConfig
 from rayalign.data.loaders import load_rows
-from rayalign.data.tokenize import collate_lm, collate_pairs, encode_pair, encode_sft
+from rayalign.data.tokenize import collate_lm, collate_pairs, encode_pair, encode_sft, render
 from rayalign.learner.dist import barrier, is_rank0
 from rayalign.learner.engine import Learner
 from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_objective
@@ -85,8 +85,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
     """Train one SFT model per seed from the same base: OUTPUT/sft-SEED. Seeds change the data
     order (and any sampling), so the models are independent runs in one basin."""
     out = Path(cfg.output)
+    template = chat_template(cfg, load_tokenizer(check_dir(cfg.base) if is_local(cfg.base) else cfg.base))
     claim_output(out, resume)
-    load_tokenizer(check_dir(cfg.base) if is_local(cfg.base) else cfg.base)  # fail before writing anything
     rows = sft_rows(cfg.data, cfg.world)
     _write_config(out, cfg)
     paths = []
@@ -98,6 +98,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
             continue
         seed_everything(s)
         model, tok = load_causal_lm(cfg.base)
+        tok.chat_template = template
         examples = [encode_sft(tok, r["messages"], cfg.data.max_seq_len) for r in rows]
         examples = [e for e in examples if any(lbl != -100 for lbl in e["labels"])]
         _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
@@ -112,6 +113,25 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
         del learner
     _drop_state(out / "state")
     return paths
+
+
+def chat_template(cfg: SFTConfig, tok: Any) -> str:
+    """The template SFT trains with: cfg.chat_template's file, else the base tokenizer's own."""
+    if cfg.chat_template is None:
+        if not tok.chat_template:
+            raise ConfigError(f"the tokenizer of {cfg.base} has no chat template; set chat_template: FILE "
+                              "(a Jinja template, e.g. clusters/recipes/salsa-7b/chat_template.jinja)")
+        return tok.chat_template
+    path = Path(cfg.chat_template)
+    if not path.is_file():
+        raise ConfigError(f"chat_template: no such file {path}")
+    text = path.read_text()
+    try:
+        tok.chat_template = text
+        render(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    except Exception as exc:  # jinja2 raises several types
+        raise ConfigError(f"chat_template {path} does not render a conversation: {exc}") from exc
+    return text
 
 
 # ---- reward model --------------------------------------------------------------------------
