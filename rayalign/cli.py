@@ -3,6 +3,7 @@
     rayalign demo                      # the whole story on the embedded default
     rayalign presets OUT               # tokenizer + tiny/small Llama presets (random init)
     rayalign world OUT                 # the synthetic world's data sets as JSONL
+    rayalign convert pku-saferlhf OUT  # helpful / harmless pairs (for rm) and prompts (for train)
     rayalign pretrain model=PRESET output=DIR
     rayalign sft --config sft.yaml learner.lr=1e-4 seeds=[0,1,2]
     rayalign rm base=SFT_DIR output=DIR objectives=each
@@ -113,6 +114,24 @@ def world(
 
     _run(export)
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def convert(
+    dataset: Annotated[str, typer.Argument(help="the layout to convert: pku-saferlhf")],
+    out: Annotated[Path, typer.Argument(help="directory to create (must not exist)")],
+    source: Annotated[str, typer.Option(help="hub name or local .jsonl/.parquet file")] = "PKU-Alignment/PKU-SafeRLHF",
+    split: str = "train",
+    limit: Annotated[int | None, typer.Option(help="convert only the first N rows")] = None,
+) -> None:
+    """Convert a multi-objective preference set into one UltraFeedback-layout file per objective
+    (for `rayalign rm`) plus the prompts (for `rayalign train`). PKU-SafeRLHF: helpful and harmless."""
+    from rayalign.data.converters import convert_pku_saferlhf
+
+    if dataset != "pku-saferlhf":
+        _fail(ConfigError(f"unknown dataset layout {dataset!r}; supported: pku-saferlhf"))
+    counts = _run(convert_pku_saferlhf, source, split, out, limit)
+    typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v} rows" for k, v in counts.items()))
 
 
 @app.command()

@@ -16,7 +16,7 @@ class DatasetSourceError(ValueError):
     """The source cannot be read or holds no rows."""
 
 
-def _read(source: str, split: str) -> Dataset:
+def read_source(source: str, split: str) -> Dataset:
     path = Path(source)
     if path.suffix in LOCAL_FORMATS or path.exists():
         if not path.exists():
@@ -58,7 +58,7 @@ def load_rows(source: str, kind: str, split: str = "train", limit: int | None = 
     Examples: load_rows("HuggingFaceH4/ultrachat_200k", "sft", split="train_sft"),
     load_rows("HuggingFaceH4/ultrafeedback_binarized", "preference", split="train_prefs"),
     load_rows("my_pairs.jsonl", "preference")."""
-    ds = _read(source, split)
+    ds = read_source(source, split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return validate(ds, kind, source)
