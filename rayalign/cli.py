@@ -289,18 +289,29 @@ def serve_(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 
 @app.command("eval")
 def eval_(config: ConfigOpt = None, overrides: Overrides = None) -> None:
-    """Gold evaluation of models on held-out world prompts, with win rates against the first."""
+    """Sample every model on the same prompts and score them: the world's held-out prompts with gold rewards,
+    or a prompt set with reward models (prompts.source=... reward.kind=model reward.model=RM). One JSON line
+    per model: mean and standard error per objective, win rate against the first model."""
+    from rayalign.data.loaders import load_rows
     from rayalign.eval.gold import evaluate, win_rate
     from rayalign.models.checkpoint import load_causal_lm
+    from rayalign.reward.scorer import RewardScorer
+    from rayalign.utils.device import place
     from rayalign.world.build import split_prompts
 
     cfg = _run(load_config, EvalConfig, config, overrides or [])
-    prompts = split_prompts(cfg.seed)[cfg.split][: cfg.limit]
+    if cfg.prompts.source == "world":
+        prompts = split_prompts(cfg.seed)[cfg.split][: cfg.limit]
+    else:
+        prompts = list(_run(load_rows, cfg.prompts.source, "prompt", cfg.prompts.split, cfg.prompts.limit)["prompt"])
+    scorer = None if cfg.reward.kind == "gold" else _run(RewardScorer, "model", cfg.reward.model, cfg.reward.weights)
     results = []
     for path in cfg.models:
         model, tok = _run(load_causal_lm, path)
-        results.append(evaluate(path, model, tok, prompts, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, seed=cfg.seed, weights=cfg.weights))
+        results.append(evaluate(path, place(model), tok, prompts, n=cfg.samples_per_prompt,
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                weights=cfg.weights, scorer=scorer))
+        del model
     for r in results:
         row = r.summary()
         row["win_rate_vs_first"] = win_rate(r, results[0])

@@ -47,3 +47,22 @@ def test_reference_worker_dtype(quick_demo):
     assert float((ref - bf16).abs().max()) > 0      # it did run in bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         ReferenceWorker(sft[:1], dtype="fp8")
+
+
+def test_eval_on_a_prompt_file_with_a_reward_model(quick_demo, tmp_path):
+    """`rayalign eval` as the 7B recipes compare PPO and SALSA: a prompt set, reward-model scores."""
+    import json
+
+    from tests.conftest import run_cli
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    models = f"models=[{quick_demo / 'sft' / 'sft-0'},{quick_demo / 'sft' / 'sft-1'}]"
+    proc = run_cli("eval", models, f"prompts.source={prompts}", "reward.kind=model",
+                   f"reward.model={quick_demo / 'rm' / 'model'}", "samples_per_prompt=2", "max_new_tokens=8")
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["prompts"] for r in rows] == [4, 4] and rows[0]["win_rate_vs_first"] == 0.5
+    assert {"reward", "reward_se", "combined"} <= set(rows[1]) and "informative" not in rows[1]
+    assert rows[1]["combined"] == pytest.approx(rows[1]["reward"])
+    proc = run_cli("eval", models, f"prompts.source={prompts}", check=False)
+    assert proc.returncode == 2 and "gold rewards exist only for the world's prompts" in proc.stderr

@@ -102,17 +102,6 @@ class RMConfig(Strict):
     save_every: int = Field(100, ge=0, description="optimiser steps between resumable states (0: only at the end)")
 
 
-class EvalConfig(Strict):
-    models: list[str] = Field(..., min_length=1)
-    samples_per_prompt: int = Field(2, ge=1)
-    max_new_tokens: int = Field(40, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    split: Literal["train", "dev", "test"] = "test"
-    limit: int | None = Field(None, ge=1)
-    weights: list[float] = Field(default_factory=lambda: [0.6, 0.2, 0.2])
-    seed: int = 0
-
-
 # ---- the distributed RL recipes (rayalign train ppo|salsa) ---------------------------------------
 
 class Resources(Strict):
@@ -363,6 +352,33 @@ class ScorerConfig(Strict):
                                           "whose heads are stacked")
     weights: list[float] | None = Field(None, description="combination of a vector score; default world.weights "
                                         "for gold, a scalar reward model needs none")
+
+
+class EvalConfig(Strict):
+    """`rayalign eval`: sample every model on the same prompts, score, report means and win rates
+    against the first model. Default: the world's prompts and gold rewards; on real data, a prompt
+    set and a reward model (e.g. PPO against SALSA on UltraFeedback's test prompts)."""
+
+    models: list[str] = Field(..., min_length=1)
+    samples_per_prompt: int = Field(2, ge=1)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    split: Literal["train", "dev", "test"] = Field("test", description="the world's prompt split")
+    limit: int | None = Field(None, ge=1, description="first N prompts")
+    prompts: DataConfig = Field(DataConfig(), description="'world' (its `split`), or a dataset/file of prompt or "
+                                "messages rows (prompts.split, prompts.limit)")
+    reward: ScorerConfig = Field(ScorerConfig(kind="gold"), description="gold (the world only) or reward models")
+    weights: list[float] = Field(default_factory=lambda: [0.6, 0.2, 0.2], description="gold: objective weights")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalConfig:
+        if self.prompts.source != "world" and self.reward.kind == "gold":
+            raise ValueError("gold rewards exist only for the world's prompts; with prompts.source set, use "
+                             "reward.kind=model reward.model=RM_DIR")
+        if self.reward.kind == "model" and not self.reward.model:
+            raise ValueError("reward.model is required when reward.kind is 'model'")
+        return self
 
 
 class RolloutEvalConfig(Strict):

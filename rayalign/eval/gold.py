@@ -24,6 +24,7 @@ class GoldResult:
     responses: list[list[str]]
     scores: np.ndarray
     weights: np.ndarray = field(default_factory=lambda: np.array([0.6, 0.2, 0.2]))
+    objectives: tuple[str, ...] = OBJECTIVES  # a reward scorer's own names when it scored instead of gold
 
     @property
     def combined(self) -> np.ndarray:
@@ -34,7 +35,7 @@ class GoldResult:
         per_prompt = self.scores.mean(axis=1)  # [P, K]
         n = per_prompt.shape[0]
         out: dict[str, Any] = {"model": self.name, "prompts": n, "samples": int(self.scores.shape[1])}
-        for k, o in enumerate(OBJECTIVES):
+        for k, o in enumerate(self.objectives):
             out[o] = float(per_prompt[:, k].mean())
             out[f"{o}_se"] = float(per_prompt[:, k].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
         comb = self.combined.mean(axis=1)
@@ -65,12 +66,18 @@ def generate(model: Any, tok: Any, prompts: list[str], n: int = 1, max_new_token
     return [[t.strip() for t in texts[j * n:(j + 1) * n]] for j in range(len(prompts))]
 
 
-def score(name: str, prompts: list[str], responses: list[list[str]], weights: Any = (0.6, 0.2, 0.2)) -> GoldResult:
-    scores = np.array([[gold_vector(p, r) for r in rs] for p, rs in zip(prompts, responses)])
-    return GoldResult(name, prompts, responses, scores, np.asarray(weights, dtype=np.float64))
+def score(name: str, prompts: list[str], responses: list[list[str]], weights: Any = (0.6, 0.2, 0.2),
+          scorer: Any = None) -> GoldResult:
+    """Gold scores, or a RewardScorer's (its objectives and weights) when one is given."""
+    if scorer is None:
+        scores = np.array([[gold_vector(p, r) for r in rs] for p, rs in zip(prompts, responses)])
+        return GoldResult(name, prompts, responses, scores, np.asarray(weights, dtype=np.float64))
+    flat = scorer.score([p for p, rs in zip(prompts, responses) for _ in rs], [r for rs in responses for r in rs])
+    scores = flat["vector"].reshape(len(prompts), -1, len(flat["objectives"]))
+    return GoldResult(name, prompts, responses, scores, scorer.weights, tuple(flat["objectives"]))
 
 
 def evaluate(name: str, model: Any, tok: Any, prompts: list[str], n: int = 2, max_new_tokens: int = 40,
-             temperature: float = 1.0, seed: int = 0, weights: Any = (0.6, 0.2, 0.2)) -> GoldResult:
+             temperature: float = 1.0, seed: int = 0, weights: Any = (0.6, 0.2, 0.2), scorer: Any = None) -> GoldResult:
     responses = generate(model, tok, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    return score(name, prompts, responses, weights)
+    return score(name, prompts, responses, weights, scorer)
