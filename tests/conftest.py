@@ -3,9 +3,12 @@ CLI, and its tokenizer, base, SFT seeds, soup and reward model serve every later
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,15 +84,78 @@ def local_ray():
     ray.shutdown()
 
 
+RAY_BIN = Path(sys.executable).parent / "ray"
+
+
+@contextlib.contextmanager
+def ray_head(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real Ray head on 127.0.0.1 as a user starts one (`ray start --head`, 2 CPUs, the dashboard
+    that takes job submissions, Ray's token authentication). Yields the dashboard address and the
+    environment `ray job ...` commands need; stops exactly this head on exit (never `ray stop`,
+    which would take every Ray on the machine)."""
+    import secrets
+    import signal
+    import tempfile
+    import time
+
+    import psutil
+
+    from rayalign.learner.dist import free_port
+
+    temp = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # Ray's socket paths must stay short
+    token = temp / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**cli_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    dashboard = free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(RAY_BIN), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
+             "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--temp-dir={temp}", "--block"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env,
+                             capture_output=True).returncode != 0:
+            assert proc.poll() is None, f"ray start --head exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no job server at {address} after 120 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(1)
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in psutil.process_iter(["cmdline"]):  # anything of this head that left the group
+            if any(str(temp) in arg for arg in (p.info["cmdline"] or [])):
+                p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quick demo, run once: OUT/presets/tiny, OUT/base/model, OUT/sft/sft-{0,1}, OUT/soup, OUT/rm/model.
+    """The quick demo, run once, submitted as a user would to a cluster: `ray start --head` on
+    127.0.0.1, `ray job submit` with clusters/runtime_env/laptop.yaml, wait, status SUCCEEDED.
+    It leaves OUT/presets/tiny, OUT/base/model, OUT/sft/sft-{0,1}, OUT/soup, OUT/rm/model, ...
     RAYALIGN_TEST_DEMO=DIR reuses a finished quick demo while iterating on one test (never in CI)."""
     reuse = os.environ.get("RAYALIGN_TEST_DEMO")
     if reuse and (Path(reuse) / "report.md").is_file():
         return Path(reuse)
-    out = tmp_path_factory.mktemp("demo") / "run"
-    run_cli("demo", "--quick", "--out", str(out))
+    tmp = tmp_path_factory.mktemp("demo")
+    out = tmp / "run"
+    with ray_head(tmp / "ray-head.log") as (address, env):
+        job = [str(RAY_BIN), "job", "submit", "--address", address, "--submission-id", "quick-demo",
+               "--runtime-env", str(ROOT / "clusters/runtime_env/laptop.yaml"), "--",
+               sys.executable, "-m", "rayalign.cli", "demo", "--quick", "--out", str(out)]
+        proc = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        status = subprocess.run([str(RAY_BIN), "job", "status", "--address", address, "quick-demo"], env=env,
+                                capture_output=True, text=True)
+        (tmp / "job.log").write_text(proc.stdout + proc.stderr)
+        assert proc.returncode == 0 and "Job 'quick-demo' succeeded" in status.stdout, (
+            f"ray job submit exited {proc.returncode}; status: {status.stdout[-500:]}\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}")
     return out
 
 

@@ -77,7 +77,7 @@ def _settings(quick: bool) -> dict[str, Any]:
                            "test.max_new_tokens=16", "dev.prompts.limit=4", "dev.samples_per_prompt=1",
                            "dev.max_new_tokens=16"])
     return dict(preset="small", pretrain_docs=6000, pretrain_epochs=1.5, sft_per_prompt=8, sft_epochs=3.0,
-                pairs_per_prompt=48, rm_epochs=1.0, eval_prompts=None, eval_samples=4, rl=[], pref=PREF_FULL,
+                pairs_per_prompt=48, rm_epochs=6.0, eval_prompts=None, eval_samples=4, rl=[], pref=PREF_FULL,
                 expo=EXPO_FULL, soups=SOUPS_FULL)
 
 

@@ -75,10 +75,11 @@ def resolve_roles(cfg: RLConfig, method: str) -> RLConfig:
                          f"(got {cfg.reference.models})")
     if not cfg.reference.models:
         updates["reference"] = cfg.reference.model_copy(update={"models": [cfg.policy]})
-    if cfg.critic is None:
-        updates["critic"] = cfg.reward.model if cfg.reward.kind == "model" else cfg.policy
+    rms = [cfg.reward.model] if isinstance(cfg.reward.model, str) else list(cfg.reward.model or [])
+    if cfg.critic is None:  # the value model starts from the (first) reward model, else the policy
+        updates["critic"] = rms[0] if cfg.reward.kind == "model" else cfg.policy
     cfg = cfg.model_copy(update=updates)
-    check_model_paths([("policy", cfg.policy), ("critic", cfg.critic), ("reward.model", cfg.reward.model),
+    check_model_paths([("policy", cfg.policy), ("critic", cfg.critic), *[("reward.model", m) for m in rms],
                        *[("reference.models", m) for m in cfg.reference.models]])
     return cfg
 
