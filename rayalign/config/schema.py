@@ -136,6 +136,8 @@ class RewardConfig(Strict):
                                  "several models)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto': bfloat16 on a GPU, float32 on the CPU")
+    max_len: int = Field(2048, ge=8, description="kind 'model': tokens of prompt + response a reward model reads "
+                         "(longer conversations keep their end)")
     missing_eos_penalty: float | None = Field(
         None, description="subtracted from the score of responses cut at max_new_tokens")
     conditioning: Literal["none", "prompt"] = Field(

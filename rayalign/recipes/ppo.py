@@ -145,7 +145,8 @@ class Roles:
         self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
                                   learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed)
         scorers = [RewardActor.options(**plan.options("reward", i), max_restarts=cfg.reward.max_restarts)
-                   .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights, dtype=cfg.reward.dtype)
+                   .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights, max_len=cfg.reward.max_len,
+                           dtype=cfg.reward.dtype)
                    for i in range(cfg.reward.workers)]
         refs = [ReferenceActor.options(**plan.options("reference", i), max_restarts=cfg.reference.max_restarts)
                 .remote(cfg.reference.models, cfg.reference.weights, r.temperature, cfg.reference.dtype)

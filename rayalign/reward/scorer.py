@@ -29,7 +29,7 @@ class RewardScorer:
     harmless models), whose heads are stacked into one vector in the order given."""
 
     def __init__(self, kind: str, model: str | list[str] | None = None, weights: list[float] | None = None,
-                 max_len: int = 256, batch_size: int = 64, dtype: str = "auto"):
+                 max_len: int = 2048, batch_size: int = 64, dtype: str = "auto"):
         self.kind = kind
         self.max_len, self.batch_size = max_len, batch_size
         self.models: list[tuple[Any, Any]] = []
