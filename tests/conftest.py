@@ -87,6 +87,19 @@ def local_ray():
 RAY_BIN = Path(sys.executable).parent / "ray"
 
 
+def stop_process_group(proc: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Signal a process started with start_new_session=True and its whole group (Ray, engines);
+    SIGKILL the group if it is not gone after `timeout` seconds."""
+    import signal
+
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextlib.contextmanager
 def ray_head(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     """A real Ray head on 127.0.0.1 as a user starts one (`ray start --head`, 2 CPUs, the dashboard
@@ -123,11 +136,7 @@ def ray_head(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             time.sleep(1)
         yield address, env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc, signal.SIGTERM, timeout=30)
         for p in psutil.process_iter(["cmdline"]):  # anything of this head that left the group
             if any(str(temp) in arg for arg in (p.info["cmdline"] or [])):
                 p.kill()

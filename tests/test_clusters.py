@@ -208,6 +208,9 @@ def test_serve_configs_build_the_rayalign_app(source):
         workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
         assert any(w["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") for w in workers)
         doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(doc)  # what `serve deploy` and KubeRay's RayService check
     app = doc["applications"][0]
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))

@@ -175,7 +175,6 @@ def test_load_mixed_preferences_16_concurrent_no_5xx(server):
 def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
     """`rayalign serve` answers on loopback and stops on Ctrl-C; Serve's own config file parses
     with Serve's schema and its application builder builds from a rayalign serve YAML."""
-    import os
     import signal
     import subprocess
     import sys
@@ -185,7 +184,7 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from rayalign.serve.app import app_builder
-    from tests.conftest import ROOT, cli_env, run_cli
+    from tests.conftest import ROOT, cli_env, run_cli, stop_process_group
 
     spec = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "clusters/serve/serve-config.yaml").read_text()))
     app = spec.applications[0]
@@ -213,9 +212,4 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
         assert [m["id"] for m in models["data"]][:2] == ["demo-soup", "demo-soup/terse"]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, signal.SIGINT, timeout=60)
