@@ -38,26 +38,37 @@ def run_cli(*args: str, check: bool = True, timeout: float = 900,
 
 
 def run_cli_killed_after_save(args: list[str], out: Path, iteration: int, log_path: Path,
-                              timeout: float = 600) -> None:
-    """Start `rayalign ARGS` and SIGKILL its whole process group (Ray included) once the run has
-    saved its state at `iteration` (OUT/state/controller.json): a hard crash mid-run."""
+                              timeout: float = 600) -> int:
+    """Start `rayalign ARGS` and SIGKILL its whole process group (Ray included) as soon as the run
+    has saved its state at `iteration` or later (OUT/state/controller.json): a hard crash mid-run.
+    Returns the iteration the state on disk holds after the kill (a fast run may save once more
+    between the check and the kill)."""
     import json
     import signal
     import time
 
+    controller = out / "state" / "controller.json"
+
+    def saved() -> int:
+        try:
+            return int(json.loads(controller.read_text())["iteration"])
+        except (FileNotFoundError, ValueError, KeyError):  # not written yet, or being replaced
+            return -1
+
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *args], cwd=ROOT, env=cli_env(), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        controller = out / "state" / "controller.json"
         deadline = time.monotonic() + timeout
         try:
-            while not (controller.is_file() and json.loads(controller.read_text())["iteration"] == iteration):
+            while saved() < iteration:
                 assert proc.poll() is None, log_path.read_text()[-4000:]
                 assert time.monotonic() < deadline, f"no saved state after {timeout:g} s"
-                time.sleep(0.2)
+                time.sleep(0.02)
+            assert proc.poll() is None, "the run finished before it could be killed mid-run"
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    return saved()
 
 
 def hf_greedy(model, tok, prompts: list[list[int]], max_new_tokens: int = 12) -> list[list[int]]:

@@ -93,10 +93,10 @@ def _args(demo, out):
 
 def test_spo_killed_mid_run_resumes_with_the_same_pairs_and_samples(quick_demo, tmp_path):
     out = tmp_path / "spo"
-    run_cli_killed_after_save(_args(quick_demo, out), out, 2, tmp_path / "first.log")
-    assert not (out / "policy").exists()
+    killed_at = run_cli_killed_after_save(_args(quick_demo, out), out, 2, tmp_path / "first.log")
+    assert killed_at in (2, 4) and not (out / "policy").exists()
     resumed = run_cli(*_args(quick_demo, out), "--resume")
-    assert "resuming at step 2/6" in resumed.stdout + resumed.stderr
+    assert f"resuming at step {killed_at}/6" in resumed.stdout + resumed.stderr
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     n_pairs = 96

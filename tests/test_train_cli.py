@@ -23,8 +23,8 @@ def _args(demo, out, *extra: str) -> list[str]:
 
 def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
     out = tmp_path / "salsa"
-    run_cli_killed_after_save(_args(quick_demo, out), out, 2, tmp_path / "first.log")
-    assert not (out / "policy").exists()
+    killed_at = run_cli_killed_after_save(_args(quick_demo, out), out, 2, tmp_path / "first.log")
+    assert killed_at == 2 and not (out / "policy").exists()
 
     resumed = run_cli(*_args(quick_demo, out), "--resume")
     assert "resuming at iteration 2/4" in resumed.stdout + resumed.stderr
