@@ -171,13 +171,11 @@ def merge(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Merge models: linear soups (negative weights allowed), task arithmetic, ExPO, Bone Soups."""
-    from rayalign.config.core import apply_overrides, read_yaml_mapping
     from rayalign.merge.engine import merge_to_disk
-    from rayalign.merge.spec import parse_spec
+    from rayalign.merge.spec import load_spec
 
     def run():  # type: ignore[no-untyped-def]
-        data = apply_overrides(read_yaml_mapping(config), overrides or [])
-        return merge_to_disk(parse_spec(data), out, progress=not quiet)
+        return merge_to_disk(load_spec(config, overrides or []), out, progress=not quiet)
 
     try:
         report = _run(run)

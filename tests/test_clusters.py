@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayalign.config.core import apply_overrides, load_config, read_yaml_mapping
+from rayalign.config.core import load_config
 from rayalign.config.schema import EvalConfig, RLConfig, RMConfig, ServeConfig, SFTConfig
 from rayalign.distributed.placement import PlacementPlan
-from rayalign.merge.spec import parse_spec
+from rayalign.merge.spec import load_spec
 from tests.conftest import RAY_BIN, ROOT
 
 C = ROOT / "clusters"
@@ -56,7 +56,7 @@ def command_config(args: list[str]):
     cmd = args[0]
     if cmd == "merge":
         spec, _out, *rest = args[1:]
-        return parse_spec(apply_overrides(read_yaml_mapping(ROOT / spec), [a for a in rest if not a.startswith("--")]))
+        return load_spec(ROOT / spec, [a for a in rest if not a.startswith("--")])
     if cmd == "train":
         args = args[1:]
     rest = args[1:]

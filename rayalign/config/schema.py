@@ -10,6 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from rayalign.config.core import Strict
 from rayalign.world.gold import OBJECTIVES
 
+# dtype of an inference-only model (reference, reward): 'auto' = bfloat16 on a GPU, float32 on the CPU
+InferenceDType = Literal["auto", "float32", "bfloat16", "float16"]
+
 
 class LearnerConfig(Strict):
     """The DeepSpeed learner (rayalign.learner.engine.Learner)."""
@@ -134,7 +137,7 @@ class RewardConfig(Strict):
     weights: list[float] = Field(default_factory=lambda: [0.6, 0.2, 0.2],
                                  description="combination of the objective vector (gold, a multi-head model or "
                                  "several models)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: InferenceDType = Field(
         "auto", description="'auto': bfloat16 on a GPU, float32 on the CPU")
     max_len: int = Field(2048, ge=8, description="kind 'model': tokens of prompt + response a reward model reads "
                          "(longer conversations keep their end)")
@@ -157,7 +160,7 @@ class ReferenceConfig(Strict):
     models: list[str] = Field(default_factory=list,
                               description="empty: the policy's starting checkpoint (plain PPO)")
     weights: list[float] | None = Field(None, description="soup weights; default uniform")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: InferenceDType = Field(
         "auto", description="'auto': bfloat16 on a GPU, float32 on the CPU (the soup is merged in float32)")
     workers: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=0.25)

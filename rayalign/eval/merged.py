@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from rayalign.eval.gold import generate
-from rayalign.merge.engine import merge_into, validate
-from rayalign.merge.io import Checkpoint, read_state_dict
+from rayalign.merge.engine import merge_into, validate_paths
+from rayalign.merge.io import read_state_dict
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.reward.scorer import RewardScorer
 
@@ -28,10 +28,7 @@ class MergedModel:
     def __init__(self, paths: Sequence[str | Path]):
         if not paths:
             raise ValueError("MergedModel needs at least one model")
-        ckpts = [Checkpoint(p) for p in paths]
-        validate(ckpts)
-        for c in ckpts:
-            c.close()
+        validate_paths(paths)
         self.paths = [str(p) for p in paths]
         self.model, self.tok = load_causal_lm(paths[0])
         self.model.eval()

@@ -19,6 +19,7 @@ import torch
 from rayalign.config.schema import LearnerConfig
 from rayalign.learner.dist import barrier, deepspeed, init_process_group, is_rank0
 from rayalign.models.checkpoint import save_model
+from rayalign.utils.device import to_device
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -88,7 +89,7 @@ class Learner:
         self.engine.train()
         totals: dict[str, float] = {}
         for mb in micro_batches:
-            mb = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mb.items()}
+            mb = to_device(mb, self.device)
             loss, metrics = loss_fn(self.engine, mb)
             self.engine.backward(loss)
             self.engine.step()

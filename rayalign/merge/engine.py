@@ -70,6 +70,16 @@ def _vocab(path: Path) -> dict[str, int] | None:
         raise MergeInputError(f"{f}: cannot read tokenizer: {exc}") from exc
 
 
+def validate_paths(paths: Sequence[str | Path]) -> None:
+    """validate() on model directories, opened only for the check."""
+    ckpts = [Checkpoint(p) for p in paths]
+    try:
+        validate(ckpts)
+    finally:
+        for c in ckpts:
+            c.close()
+
+
 def validate(ckpts: Sequence[Checkpoint]) -> None:
     """Raise MergeValidationError unless every checkpoint has the same architecture, tensors,
     shapes and tokenizer as the first."""

@@ -26,17 +26,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from rayalign.config.core import ConfigError, Strict
+from rayalign.config.core import ConfigError, Strict, apply_overrides, read_yaml_mapping
 from rayalign.merge import kernels
 from rayalign.merge.coefficients import bone_soup_coefficients, extrapolated
+from rayalign.utils.device import DTYPES
 
 Kernel = Callable[[Sequence[torch.Tensor]], torch.Tensor]
-OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUT_DTYPES = DTYPES  # the output dtypes a spec may name
 
 
 class ModelEntry(Strict):
@@ -126,6 +128,11 @@ def resolve(spec: MergeSpec) -> Resolved:
     assert spec.base_model
     return Resolved([*names, spec.base_model], lambda ts: kernels.extrapolate(kernels.linear(ts[:-1], lam), ts[-1], k),
                     extrapolated(lam, k), names[0])
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> MergeSpec:
+    """A merge YAML (rayalign's or mergekit's) with dotted overrides, as `rayalign merge` reads it."""
+    return parse_spec(apply_overrides(read_yaml_mapping(path), list(overrides)))
 
 
 def from_mergekit(data: dict[str, Any]) -> MergeSpec:

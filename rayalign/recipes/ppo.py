@@ -53,7 +53,7 @@ from rayalign.recipes.loop import batch_indices
 from rayalign.recipes.monitor import KLHackMonitor
 from rayalign.reference.worker import ReferenceActor
 from rayalign.reward.conditioning import PreferenceConditioning
-from rayalign.reward.scorer import RewardActor
+from rayalign.reward.scorer import RewardActor, reward_model_paths
 from rayalign.rollout.fleet import RolloutFleet
 from rayalign.utils.io import atomic_write_json, atomic_write_text, claim_output
 from rayalign.utils.logging import RunLogger, log
@@ -75,7 +75,7 @@ def resolve_roles(cfg: RLConfig, method: str) -> RLConfig:
                          f"(got {cfg.reference.models})")
     if not cfg.reference.models:
         updates["reference"] = cfg.reference.model_copy(update={"models": [cfg.policy]})
-    rms = [cfg.reward.model] if isinstance(cfg.reward.model, str) else list(cfg.reward.model or [])
+    rms = reward_model_paths(cfg.reward.model)
     if cfg.critic is None:  # the value model starts from the (first) reward model, else the policy
         updates["critic"] = rms[0] if cfg.reward.kind == "model" else cfg.policy
     cfg = cfg.model_copy(update=updates)

@@ -41,10 +41,5 @@ class ReferenceWorker:
         logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
         return token_logprobs(logits, b["input_ids"], self.temperature).cpu()
 
-    @torch.no_grad()
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        b = to_device(batch, self.model.device)
-        return self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().cpu()
-
 
 ReferenceActor = ray.remote(ReferenceWorker)

@@ -36,7 +36,7 @@ class RewardScorer:
         if kind == "gold":
             self.objectives = list(OBJECTIVES)
         elif kind == "model":
-            paths = [model] if isinstance(model, str) else list(model or [])
+            paths = reward_model_paths(model)
             if not paths:
                 raise ValueError("a reward scorer of kind 'model' needs a reward model directory")
             from rayalign.models.checkpoint import load_reward_model
@@ -91,6 +91,11 @@ class RewardScorer:
         return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, k))
 
 
+def reward_model_paths(model: str | list[str] | None) -> list[str]:
+    """`reward.model` as a list: one directory, several, or none."""
+    return [model] if isinstance(model, str) else list(model or [])
+
+
 def _head_names(paths: list[str], heads: list[int]) -> list[str]:
     """One model: 'reward' for a scalar head, the world's objectives for a head per objective.
     Several: each model's directory name (with /i per head of a multi-head model)."""
@@ -99,8 +104,8 @@ def _head_names(paths: list[str], heads: list[int]) -> list[str]:
         return ["reward"] if k == 1 else list(OBJECTIVES[:k]) if k <= len(OBJECTIVES) else [f"head{i}" for i in range(k)]
     names = []
     for i, (p, k) in enumerate(zip(paths, heads)):
-        stem = Path(p.rstrip("/")).name or f"model{i}"
-        stem = stem if stem not in ("model", "") else f"{Path(p.rstrip('/')).parent.name}"
+        path = Path(p.rstrip("/"))
+        stem = path.parent.name if path.name == "model" else path.name  # RUN/rm/model -> rm
         names += [stem] if k == 1 else [f"{stem}/{j}" for j in range(k)]
     return [n if names.count(n) == 1 else f"{i}:{n}" for i, n in enumerate(names)]
 

@@ -21,8 +21,8 @@ import torch
 
 from rayalign.config.schema import ServeConfig
 from rayalign.merge import kernels
-from rayalign.merge.engine import merge_state_dicts, validate
-from rayalign.merge.io import Checkpoint, read_state_dict
+from rayalign.merge.engine import merge_state_dicts, validate_paths
+from rayalign.merge.io import read_state_dict
 from rayalign.models.checkpoint import load_tokenizer
 from rayalign.rollout.engine import Rollout, SamplingConfig, make_engine
 from rayalign.serve.cache import ByteLRU, state_dict_bytes
@@ -53,10 +53,7 @@ class PersonalizedServer:
         self.cfg = cfg
         self.families = {f.name: Family(f, cfg.model_store, cfg.preference_grid) for f in cfg.families}
         paths = sorted({p for fam in self.families.values() for p in fam.sources()})
-        ckpts = [Checkpoint(p) for p in paths]
-        validate(ckpts)  # one engine serves every family: same architecture, tensors and tokenizer
-        for c in ckpts:
-            c.close()
+        validate_paths(paths)  # one engine serves every family: same architecture, tensors and tokenizer
         first = self.families[cfg.families[0].name].paths[0]
         self.tok = load_tokenizer(first)
         self.engine = make_engine(cfg.engine, str(first), SamplingConfig())

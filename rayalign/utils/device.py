@@ -7,12 +7,9 @@ runs in CPU tests and on GPU clusters; only these two choices differ.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def accelerator() -> torch.device:
@@ -23,9 +20,9 @@ def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """'auto': bfloat16 on a GPU, float32 on the CPU (the CPU learner computes in float32)."""
     if name == "auto":
         return torch.bfloat16 if (device or accelerator()).type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def place(model: torch.nn.Module, dtype: str = "auto") -> torch.nn.Module:
