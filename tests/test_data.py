@@ -61,8 +61,11 @@ def test_bad_sources(tmp_path):
     with pytest.raises(DatasetSourceError, match="empty"):
         load_rows(str(tmp_path / "empty.jsonl"), "sft")
     (tmp_path / "garbage.jsonl").write_text("{not json\n")
-    with pytest.raises(DatasetSourceError, match="cannot read"):
+    with pytest.raises(DatasetSourceError, match=r"garbage.jsonl, line 1: not valid JSON"):
         load_rows(str(tmp_path / "garbage.jsonl"), "sft")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(DatasetSourceError, match="cannot read .*garbage.parquet as parquet"):
+        load_rows(str(tmp_path / "garbage.parquet"), "sft")
     with pytest.raises(DatasetSourceError, match="cannot load dataset 'no-such-org/no-such-set'"):
         load_rows("no-such-org/no-such-set", "sft")
 
@@ -138,3 +141,13 @@ def test_pku_saferlhf_converts_to_one_preference_file_per_objective(tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr
     proc = run_cli("convert", "hh-rlhf", str(tmp_path / "out3"), check=False)
     assert proc.returncode == 2 and "supported: pku-saferlhf" in proc.stderr
+
+
+def test_broken_jsonl_line_is_named_by_file_and_line(tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c"\n{"prompt": "d"}\n')
+    with pytest.raises(DatasetSourceError, match=r"prompts.jsonl, line 4: not valid JSON \(Expecting"):
+        load_rows(str(f), "prompt")
+    f.write_text('{"prompt": "a"}\n["not", "an", "object"]\n')
+    with pytest.raises(DatasetSourceError, match=r"line 2: a JSON list, not an object"):
+        load_rows(str(f), "prompt")

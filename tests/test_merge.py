@@ -286,3 +286,78 @@ def test_merge_into_model_in_place(models, tmp_path):
     torch.testing.assert_close(merged["lm_head.weight"], 1.5 * w[1]["lm_head.weight"] - 0.5 * w[0]["lm_head.weight"])
     with pytest.raises(ValueError, match="coefficients must be finite"):
         merge_into(target, [w[0]], [float("inf")])
+
+
+def test_mergekit_keys_rayalign_does_not_implement_are_refused():
+    two = [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 1}}]
+    for extra, match in [
+        ({"tokenizer_source": "model:elsewhere"}, r"tokenizer_source 'model:elsewhere' is not supported"),
+        ({"tokenizer_source": "base"}, "tokenizer_source 'base' is not supported"),  # there is no base_model
+        ({"parameters": {"normalize": True, "int8_mask": True}}, r"\['parameters.int8_mask'\]"),
+        ({"models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}, two[1]]},
+         r"models\[0\].parameters: unsupported \['density'\]"),
+        ({"models": [{"model": "a", "parameters": {"weight": "0.5"}}, two[1]]}, r"models.0.weight"),
+        ({"models": [{"model": "a", "layer_range": [0, 2]}, two[1]]}, r"models\[0\]: unsupported keys \['layer_range'\]"),
+        ({"parameters": {"normalize": "yes"}}, "normalize"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_spec({"merge_method": "linear", "models": two, **extra})
+    # sources that are exact because every input shares one tokenizer
+    for src in ("union", "model:b"):
+        assert parse_spec({"merge_method": "linear", "models": two, "tokenizer_source": src}).method == "linear"
+    with pytest.raises(ValueError, match="models.0.weight"):
+        parse_spec({"method": "linear", "models": [{"model": "a", "weight": "0.5"}, {"model": "b", "weight": 1}]})
+    with pytest.raises(ValueError, match="mu.0"):
+        parse_spec({"method": "bone_soup", "models": [{"model": "a"}, {"model": "b"}], "mu": ["1", 0], "beta": 0.7})
+
+
+def test_corrupt_header_entries_are_named(models, tmp_path):
+    import struct
+
+    raw = (models[1] / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = "model.norm.weight"
+    for change, match in [(lambda m: m.pop("data_offsets"), f"tensor {name} has no valid data_offsets"),
+                          (lambda m: m.update(shape="x"), f"tensor {name} has no valid shape"),
+                          (lambda m: m.update(shape=[3]), f"tensor {name} has .* bytes for shape \\[3\\]")]:
+        h = json.loads(json.dumps(header))
+        change(h[name])
+        body = json.dumps(h).encode()
+        d = _copy(models[1], tmp_path / f"bad{len(list(tmp_path.iterdir()))}")
+        (d / "model.safetensors").write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+        with pytest.raises(MergeInputError, match=match):
+            Checkpoint(d)
+
+
+def test_a_killed_merge_leaves_nothing_the_next_one_does_not_clean(models, tmp_path):
+    """SIGKILL a merge mid-write: its hidden `.OUT.tmp-PID-*` stays; the next merge to the same output
+    removes it (its process is gone) and writes the output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, cli_env
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(f"method: linear\nmodels:\n  - {{model: {models[1]}, weight: 0.5}}\n"
+                   f"  - {{model: {models[2]}, weight: 0.5}}\n")
+    out = tmp_path / "out"
+    # a stand-in writer that is killed while its temporary directory exists: the CLI's own merge of these
+    # tiny models finishes too fast to be caught, so the kill comes inside atomic_dir, as a merge would
+    code = ("import sys, time\nfrom rayalign.utils.io import atomic_dir\n"
+            "with atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'model.safetensors').write_bytes(b'x' * 100)\n"
+            "    print('writing', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(left) == 1 and str(proc.pid) in left[0].name and not out.exists()
+    t0 = time.monotonic()
+    done = run_cli("merge", str(cfg), str(out))
+    assert "removed" in done.stderr and left[0].name in done.stderr and time.monotonic() - t0 < 120
+    assert out.is_dir() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]

@@ -3,6 +3,7 @@ or local JSONL / JSON / Parquet files. Every row is validated (rayalign.data.sch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -35,11 +36,30 @@ def read_source(source: str, split: str) -> Dataset:
         try:
             return load_dataset(fmt, data_files=files, split="train")
         except Exception as exc:  # datasets raises many types for unreadable files
-            raise DatasetSourceError(f"cannot read {path} as {fmt}: {exc}") from exc
+            where = next((w for w in map(bad_json_line, files) if w), None) if fmt == "json" else None
+            raise DatasetSourceError(where or f"cannot read {path} as {fmt}: {exc}") from exc
     try:  # a hub dataset name (needs network or a local HF cache)
         return load_dataset(source, split=split)
     except Exception as exc:
         raise DatasetSourceError(f"cannot load dataset {source!r} split {split!r}: {exc}") from exc
+
+
+def bad_json_line(file: str) -> str | None:
+    """For a .jsonl file that `datasets` cannot read: the file, line and reason of its first line that
+    is not a JSON object (its message only says "An error occurred while generating the dataset")."""
+    if not file.endswith(".jsonl"):
+        return None
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                return f"{file}, line {n}: not valid JSON ({exc.msg} at column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"{file}, line {n}: a JSON {type(row).__name__}, not an object"
+    return None
 
 
 def validate(ds: Dataset, kind: str, source: str) -> Dataset:

@@ -62,9 +62,21 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(meta, dict):
+            raise MergeInputError(f"{path}: corrupt safetensors header: entry {name!r} is not an object")
         if meta.get("dtype") not in DTYPES:
             raise MergeInputError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')!r}")
-        begin, end = meta["data_offsets"]
+        offsets, shape = meta.get("data_offsets"), meta.get("shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) and x >= 0 for x in offsets)
+                and offsets[0] <= offsets[1]):
+            raise MergeInputError(f"{path}: corrupt safetensors header: tensor {name} has no valid data_offsets "
+                                  f"(got {offsets!r})")
+        if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
+            raise MergeInputError(f"{path}: corrupt safetensors header: tensor {name} has no valid shape (got {shape!r})")
+        begin, end = offsets
+        if end - begin != tensor_nbytes(tuple(shape), DTYPES[meta["dtype"]]):
+            raise MergeInputError(f"{path}: corrupt safetensors header: tensor {name} has {end - begin} bytes for "
+                                  f"shape {shape} of {meta['dtype']}")
         start = 8 + n + begin
         if start + (end - begin) > size:
             raise MergeInputError(f"{path}: tensor {name} extends past the end of the file (truncated?)")

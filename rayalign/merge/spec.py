@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -43,18 +43,19 @@ OUT_DTYPES = DTYPES  # the output dtypes a spec may name
 
 class ModelEntry(Strict):
     model: str
-    weight: float | None = None
+    weight: float | None = Field(None, strict=True, description="a number; a string such as '0.5' is refused")
 
 
 class MergeSpec(Strict):
     method: Literal["linear", "task_arithmetic", "expo", "bone_soup"]
     models: list[ModelEntry] = Field(default_factory=list)
     base_model: str | None = None
-    normalize: bool = False
-    alpha: float | None = Field(None, description="expo: extrapolation strength")
-    mu: list[float] | None = Field(None, description="bone_soup: preference over objectives (one per model)")
-    beta: float | None = Field(None, description="bone_soup: diagonal of B, in (1/2, 1)")
-    k: float = Field(1.0, description="bone_soup: extrapolation against base_model, k >= 1")
+    normalize: bool = Field(False, strict=True)
+    alpha: float | None = Field(None, strict=True, description="expo: extrapolation strength")
+    mu: list[Annotated[float, Field(strict=True)]] | None = Field(
+        None, description="bone_soup: preference over objectives (one per model)")
+    beta: float | None = Field(None, strict=True, description="bone_soup: diagonal of B, in (1/2, 1)")
+    k: float = Field(1.0, strict=True, description="bone_soup: extrapolation against base_model, k >= 1")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     max_shard_bytes: int = Field(2 * 1024**3, gt=0)
 
@@ -147,14 +148,34 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     if unknown:
         raise ConfigError(f"unsupported mergekit keys: {unknown}; supported: {sorted(known)}")
     params = data.get("parameters") or {}
+    bad = sorted(set(params) - {"normalize"})
+    if bad:
+        raise ConfigError(f"unsupported mergekit parameters: {[f'parameters.{k}' for k in bad]}; rayalign implements "
+                          "parameters.normalize only")
     base = data.get("base_model")
+    names = [e.get("model") for e in data.get("models") or [] if isinstance(e, dict)]
+    source = data.get("tokenizer_source")
+    # Every input must have the same tokenizer (the engine checks it), so the output's tokenizer is the
+    # same whichever model it is taken from: these sources are exact; others (a model outside the merge,
+    # a new vocabulary) are not implemented.
+    exact = {None, "base", "union", *(f"model:{n}" for n in names)} - ({"base"} if base is None else set())
+    if source not in exact:
+        raise ConfigError(f"tokenizer_source {source!r} is not supported; rayalign keeps the inputs' one tokenizer "
+                          f"and accepts {sorted(x for x in exact if x)}")
     models = []
     for i, entry in enumerate(data.get("models") or []):
         if not isinstance(entry, dict) or "model" not in entry:
             raise ConfigError(f"models[{i}] must be a mapping with 'model'")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise ConfigError(f"models[{i}]: unsupported keys {extra}")
         if method == "task_arithmetic" and entry["model"] == base:
             continue  # mergekit skips the base among the models
         p = entry.get("parameters") or {}
+        bad = sorted(set(p) - {"weight"})
+        if bad:
+            raise ConfigError(f"models[{i}].parameters: unsupported {bad} (e.g. density is for TIES/DARE); "
+                              "rayalign implements weight only")
         weight = p.get("weight")
         if isinstance(weight, list):
             raise ConfigError(f"models[{i}].parameters.weight: per-layer gradients are not supported")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class OutputExistsError(FileExistsError):
@@ -33,7 +36,8 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise OutputExistsError(f"output directory already exists: {target} (choose another path or remove it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         if target.exists():
@@ -46,6 +50,36 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove what a killed writer of `target` left beside it (`.NAME.tmp-PID-*`, `.NAME.old-PID`) when
+    that process is gone; a leftover whose owner cannot be told (no PID in its name) is named in a
+    warning and kept. Returns what was removed."""
+    removed = []
+    for p in target.parent.glob(f".{target.name}.*"):
+        kind, _, rest = p.name[len(target.name) + 2:].partition("-")
+        if kind not in ("tmp", "old"):
+            continue
+        pid = rest.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+            log.warning("removed %s, left by process %s that was killed while writing %s", p, pid, target)
+        elif not pid.isdigit():
+            log.warning("%s looks like an unfinished write of %s by an unknown process; remove it if none is running",
+                        p, target)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
