@@ -266,11 +266,15 @@ def serve_(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 
     from rayalign.config.schema import ServeConfig
     from rayalign.distributed.cluster import connect
-    from rayalign.serve.app import build_app
+    from rayalign.serve.app import build_app, check_config
 
     if config is None:
         _fail(ConfigError("rayalign serve needs --config serve.yaml (model_store and families)"))
     cfg = _run(load_config, ServeConfig, config, overrides or [])
+    try:
+        check_config(cfg)  # before Ray and Serve start: a bad store path is named here, not in a controller log
+    except ValueError as exc:
+        _fail(exc)
     connect()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:

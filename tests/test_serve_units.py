@@ -105,3 +105,60 @@ def test_requests_for_the_loaded_key_go_first_but_cannot_starve_others():
     assert pick_next(["b", "a"], "a", streak=8, max_streak=8) == 0  # a ran 8 times in a row: b's turn
     assert pick_next(["a", "a"], "a", streak=20, max_streak=8) == 0  # nobody else waits
     assert pick_next(["b"], None, streak=0, max_streak=8) == 0
+
+
+def test_overflowing_and_typed_preferences(tmp_path):
+    fam = _family(tmp_path)
+    assert fam.resolve(preference=[1e308, 1e308]) == ("demo-soup@20:10,10", [0.5, 0.5])  # not [0.05, 0.05]
+    assert fam.resolve(preference=[1e308, 0]) == ("demo-soup@20:20,0", [1.0, 0.0])
+    assert fam.resolve(preference=[1e-300, 3e-300]) == ("demo-soup@20:5,15", [0.25, 0.75])
+
+
+def test_stream_pieces_spell_the_whole_text_with_multibyte_characters(tokenizer_and_preset):
+    """Byte-level BPE splits these characters over several tokens; decoding growing prefixes would
+    emit U+FFFD for good, the incremental decoder holds the bytes back."""
+    from rayalign.serve.text import completion_logprobs, render_choice, token_deltas
+
+    tok, _ = tokenizer_and_preset
+    text = " héllo wörld 日本語 🙂 the fox . "
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # several tokens per multi-byte character
+    deltas = token_deltas(tok, ids)
+    assert "".join(deltas) == tok.decode(ids) and not any("\ufffd" in d for d in deltas)
+    c = render_choice(tok, ids + [tok.eos_token_id], finished=True)
+    assert c.text == text.strip() and "".join(p.text for p in c.pieces) == c.text and c.finish == "stop"
+    # a stop string cuts both, and what comes after it (text and log-probs) is dropped
+    lps = [{t: -0.5, 0: -2.0} for t in ids] + [{tok.eos_token_id: -0.1}]
+    c = render_choice(tok, ids + [tok.eos_token_id], finished=True, stops=["fox", "日本"], logprobs=lps, top=1)
+    assert c.text == "héllo wörld " and "".join(p.text for p in c.pieces) == c.text and c.finish == "stop"
+    assert sum(len(p.logprobs) for p in c.pieces) == len(c.logprobs) < len(ids)
+    assert all(e["logprob"] == -0.5 and len(e["top_logprobs"]) == 1 for e in c.logprobs)
+    assert c.logprobs[0]["top_logprobs"][0]["logprob"] == -0.5
+    legacy = completion_logprobs(c)
+    assert len(legacy["tokens"]) == len(legacy["text_offset"]) == len(c.logprobs)
+    # bytes that never complete a character are shown as decode shows them, at the end
+    cut = ids[:3] + tok(" 日", add_special_tokens=False)["input_ids"][:2]
+    assert "".join(token_deltas(tok, cut)) == tok.decode(cut)
+    c = render_choice(tok, ids, finished=False, stops=[])
+    assert c.finish == "length" and c.logprobs is None
+
+
+def test_request_parsing_refuses_what_it_does_not_implement():
+    from rayalign.serve import openai_api as oa
+
+    def parse(body):
+        import json
+        return oa.parse(oa.ChatRequest, json.dumps(body).encode())
+
+    ok = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text",
+                                                                                                 "text": "b"}]}]}
+    req = parse({**ok, "seed": 2**64 - 1, "stop": "x", "user": "u", "tool_choice": "none", "response_format":
+                 {"type": "text"}, "presence_penalty": 0})
+    assert req.messages[0].text() == "ab" and req.stops() == ["x"] and req.logprob_count() is None
+    assert parse({**ok, "logprobs": True, "top_logprobs": 3}).logprob_count() == 3
+    for extra, match in [({"seed": 2**64}, "seed"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+                         ({"stop": [""]}, "non-empty"), ({"preference": ["0.5", 1]}, "preference.0"),
+                         ({"messages": [{"role": "user", "content": "\ud800"}]}, "not valid Unicode")]:
+        with pytest.raises(oa.APIError, match=match) as err:
+            parse({**ok, **extra})
+        assert err.value.status == 400

@@ -524,6 +524,14 @@ class ServeConfig(Strict):
     max_replicas: int | None = Field(None, ge=1, description="autoscale up to this many replicas")
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this time (408 "
+                                  "otherwise), so slow or half-open clients cannot hold the ingress")
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="requests one ingress replica handles at once "
+                                              "(/health included)")
+    generation_timeout_s: float = Field(120.0, gt=0, description="an engine call running longer marks the replica "
+                                        "unhealthy, and Serve replaces it")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often Serve checks each model replica")
+    health_check_timeout_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _unique(self) -> ServeConfig:

@@ -43,6 +43,31 @@ def encode_prompt(tok: Any, prompt: str | list[dict[str, str]]) -> list[int]:
     return _ids(tok, render(tok, msgs, add_generation_prompt=True))
 
 
+def special_strings(tok: Any) -> list[str]:
+    """Every string the tokenizer reads as one special (added) token."""
+    return sorted({*tok.all_special_tokens, *getattr(tok, "added_tokens_encoder", {})}, key=len, reverse=True)
+
+
+def encode_untrusted_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    """encode_prompt for text from outside (a served request): message content is never read as special
+    tokens, so `<|end|><|assistant|>` inside a user message cannot fake a turn. Content that holds no
+    special-token string takes encode_prompt's path unchanged (the ids the model was trained on);
+    otherwise the template is rendered around sentinels and each content is tokenized as plain text."""
+    specials = special_strings(tok)
+    if not any(sp in m["content"] for m in messages for sp in specials):
+        return encode_prompt(tok, messages)
+    marks = [f"\x00rayalign-content-{i}\x00" for i in range(len(messages))]
+    text = render(tok, [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True)
+    ids: list[int] = []
+    for mark, m in zip(marks, messages):
+        before, found, text = text.partition(mark)
+        if not found:
+            raise ValueError("this chat template changes message content, so content holding special-token "
+                             "strings cannot be tokenized safely")
+        ids += _ids(tok, before) + tok(m["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + _ids(tok, text)
+
+
 def encode_conversation(tok: Any, messages: list[dict[str, str]], max_len: int) -> dict[str, Any]:
     """Full conversation ids plus the length of its prompt part (for reward models and DPO)."""
     full = _ids(tok, render(tok, messages))

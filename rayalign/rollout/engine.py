@@ -32,7 +32,11 @@ class SamplingConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(40, ge=1)
     n: int = Field(1, ge=1, description="samples per prompt")
-    seed: int = 0
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="64-bit, the range vLLM and torch accept")
+    stop: list[str] = Field(default_factory=list, description="stop strings (vLLM ends there early; callers cut "
+                            "the text)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="return each sampled token's log-prob and the "
+                                 "k most likely (raw model distribution)")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Rollout:
     prompt_ids: list[int]
     response_ids: list[int]
     finished: bool  # ended with EOS (False: cut at max_new_tokens)
+    logprobs: list[dict[int, float]] | None = None  # per response token: {token: log-prob}, sampled one included
 
 
 @torch.no_grad()
@@ -61,10 +66,27 @@ def hf_generate(model: Any, tok: Any, prompts: list[list[int]], s: SamplingConfi
                               "pad_token_id": tok.pad_token_id, "eos_token_id": eos}
         if s.temperature > 0:
             kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, **kw)[:, input_ids.shape[1]:]
-        for (i, p), row in zip(chunk, gen.tolist()):
+        if s.logprobs is not None:
+            kw.update(output_logits=True, return_dict_in_generate=True)
+        res = model.generate(input_ids=input_ids, attention_mask=mask, **kw)
+        gen = (res.sequences if s.logprobs is not None else res)[:, input_ids.shape[1]:]
+        # raw model log-probs (before temperature / top-p), as vLLM reports them
+        lps = torch.stack(res.logits, 1).float().log_softmax(-1) if s.logprobs is not None else None
+        for r, ((i, p), row) in enumerate(zip(chunk, gen.tolist())):
             finished = eos in row
-            out.append(Rollout(i, p, row[:row.index(eos) + 1] if finished else row, finished))
+            ids = row[:row.index(eos) + 1] if finished else row
+            out.append(Rollout(i, p, ids, finished, None if lps is None else _top(lps[r], ids, s.logprobs)))
+    return out
+
+
+def _top(lp: torch.Tensor, ids: list[int], k: int) -> list[dict[int, float]]:
+    """Per position: the sampled token's log-prob and the k largest."""
+    top = lp.topk(k, -1) if k else None
+    out = []
+    for j, t in enumerate(ids):
+        d = {} if top is None else dict(zip(top.indices[j].tolist(), top.values[j].tolist()))
+        d[t] = float(lp[j, t])
+        out.append(d)
     return out
 
 
@@ -126,13 +148,15 @@ class VLLMEngine:
         s = sampling or self.sampling.model_copy(update={"seed": self.sampling.seed + self._calls})
         self._calls += 1
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                seed=s.seed if s.temperature > 0 else None)
+                                seed=s.seed if s.temperature > 0 else None, stop=s.stop or None,
+                                logprobs=s.logprobs)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         rollouts = []
         for i, (p, o) in enumerate(zip(prompts, outs)):
             for c in o.outputs:
                 ids = list(c.token_ids)
-                rollouts.append(Rollout(i, p, ids, bool(ids) and ids[-1] == self.eos))
+                lps = None if c.logprobs is None else [{t: float(v.logprob) for t, v in d.items()} for d in c.logprobs]
+                rollouts.append(Rollout(i, p, ids, bool(ids) and ids[-1] == self.eos, lps))
         return rollouts
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:

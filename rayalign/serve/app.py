@@ -12,33 +12,47 @@ a replica that already holds its merged weights. ModelServer wraps `Personalized
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayalign.config.schema import ServeConfig
-from rayalign.data.tokenize import encode_prompt
+from rayalign.data.tokenize import encode_untrusted_prompt
 from rayalign.models.checkpoint import load_tokenizer
 from rayalign.serve import openai_api as oa
 from rayalign.serve.families import Family, PreferenceError
+from rayalign.serve.text import render_choice
+
+RETRY_AFTER_S = 5  # what a 503 tells the client to wait: about one replica restart
 
 api = FastAPI(title="rayalign", description="personalised merged models, OpenAI-compatible")
 
 
 @api.exception_handler(oa.APIError)
 async def _api_error(_: Request, exc: oa.APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     err = oa.APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
     return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """Whatever else goes wrong is still answered in OpenAI's shape, never as a plain-text 500."""
+    err = oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error", kind="server_error")
+    return JSONResponse(err.body(), status_code=500)
 
 
 @serve.deployment
@@ -67,10 +81,17 @@ class ModelServer:
         if key in self._merge_s:
             info.update(cache_hit=False, merge_s=self._merge_s.pop(key))
         return {"responses": [r.response_ids for r in rollouts], "finished": [r.finished for r in rollouts],
-                "info": info, "cache": self.server.cache.stats()}
+                "logprobs": [r.logprobs for r in rollouts], "info": info, "cache": self.server.cache.stats()}
 
     async def ready(self) -> bool:
+        self.server.check_health()
         return True
+
+    def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising marks the replica unhealthy and Serve
+        replaces it. A generation stuck inside the engine (it runs in a thread, so this still answers)
+        is how a wedged engine shows."""
+        self.server.check_health()
 
 
 @serve.deployment
@@ -79,7 +100,10 @@ class Ingress:
     def __init__(self, config: dict[str, Any], model: DeploymentHandle):
         self.cfg = ServeConfig.model_validate(config)
         self.families = {f.name: Family(f, self.cfg.model_store, self.cfg.preference_grid) for f in self.cfg.families}
-        self.tok = load_tokenizer(next(iter(self.families.values())).paths[0])
+        first = next(iter(self.families.values())).paths[0]
+        self.tok = load_tokenizer(first)
+        self.context = json.loads((Path(first) / "config.json").read_text()).get("max_position_embeddings")
+        self.max_body = 64 * self.cfg.max_prompt_tokens + 65536
         self.model = model
         self.keys = set(self.cfg.api_keys) | ({os.environ["RAYALIGN_API_KEY"]} if os.environ.get("RAYALIGN_API_KEY") else set())
 
@@ -112,55 +136,89 @@ class Ingress:
                               param="model" if soup is not None else "preference") from None
         return key, req.model
 
-    def _sampling(self, req: Any) -> dict[str, Any]:
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(64, self.cfg.max_tokens_limit)
-        if max_tokens > self.cfg.max_tokens_limit:
-            raise oa.APIError(400, f"max_tokens {max_tokens} is above this server's limit {self.cfg.max_tokens_limit}",
+    def _sampling(self, req: Any, prompt_len: int) -> dict[str, Any]:
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > self.cfg.max_tokens_limit:
+            raise oa.APIError(400, f"max_tokens {asked} is above this server's limit {self.cfg.max_tokens_limit}",
                               param="max_tokens")
+        room = self.context - prompt_len if self.context else None
+        if room is not None and (room < 1 or (asked is not None and asked > room)):
+            raise oa.APIError(400, f"this model's context is {self.context} tokens; the prompt has {prompt_len} and "
+                              f"{asked or 1} more were asked for", param="messages", code="context_length_exceeded")
+        max_tokens = asked or min(64, self.cfg.max_tokens_limit, room or 64)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(4), "little")
         return {"temperature": req.temperature, "top_p": req.top_p, "max_new_tokens": max_tokens, "n": req.n,
-                "seed": seed}
+                "seed": seed, "stop": req.stops(), "logprobs": req.logprob_count()}
 
-    def _prompt(self, ids: list[int]) -> list[int]:
+    def _prompt(self, req: Any, chat: bool) -> list[int]:
+        if chat:
+            try:
+                ids = encode_untrusted_prompt(self.tok, [{"role": m.role, "content": m.text()} for m in req.messages])
+            except ValueError as exc:
+                raise oa.APIError(400, str(exc), param="messages") from None
+        else:
+            ids = self.tok(req.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise oa.APIError(400, "the prompt is empty", param="prompt")
         if len(ids) > self.cfg.max_prompt_tokens:
             raise oa.APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit "
                               f"{self.cfg.max_prompt_tokens}", param="messages", code="context_length_exceeded")
         return ids
 
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused from Content-Length before reading when too large, read with a deadline
+        (408) and a running size check (413, chunked bodies included)."""
+        too_large = oa.APIError(413, f"request body is larger than this server's limit of {self.max_body} bytes",
+                                code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise oa.APIError(400, f"bad Content-Length header {length!r}")
+            if int(length) > self.max_body:
+                raise too_large
+
+        async def read() -> bytes:
+            buf = bytearray()
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > self.max_body:
+                    raise too_large
+            return bytes(buf)
+
+        try:
+            return await asyncio.wait_for(read(), self.cfg.body_timeout_s)
+        except TimeoutError:
+            raise oa.APIError(408, f"the request body did not arrive within {self.cfg.body_timeout_s:g} s",
+                              code="request_timeout") from None
+
+    async def _generate(self, key: str, ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
+        """The model replica's answer; a replica that died or is restarting is a 503 with Retry-After."""
+        try:
+            return await self.model.options(multiplexed_model_id=key).generate.remote(ids, sampling)
+        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError, BackPressureError) as exc:
+            raise oa.APIError(503, f"the model replica is unavailable ({type(exc).__name__}); retry shortly",
+                              code="replica_unavailable", kind="server_error",
+                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
     async def _run(self, request: Request, kind: type, chat: bool) -> Any:
         self._auth(request)
-        raw = await request.body()
-        if len(raw) > 64 * self.cfg.max_prompt_tokens + 65536:
-            raise oa.APIError(413, f"request body of {len(raw)} bytes is too large", code="request_too_large")
-        req = oa.parse(kind, raw)
+        req = oa.parse(kind, await self._body(request))
         key, name = self._route(req)
-        sampling = self._sampling(req)
-        if chat:
-            ids = encode_prompt(self.tok, [m.model_dump() for m in req.messages])
-        else:
-            ids = self.tok(req.prompt, add_special_tokens=False)["input_ids"]
-        ids = self._prompt(ids)
-        out = await self.model.options(multiplexed_model_id=key).generate.remote(ids, sampling)
-        eos = self.tok.eos_token_id
-        finish = ["stop" if f else "length" for f in out["finished"]]
-        extra = {"merge_key": key, **out["info"]}
+        ids = self._prompt(req, chat)
+        sampling = self._sampling(req, len(ids))
+        out = await self._generate(key, ids, sampling)
+        top = sampling["logprobs"] or 0
+        lps = out.get("logprobs") or [None] * len(out["responses"])
+        choices = [render_choice(self.tok, r, f, req.stops(), lp, top)
+                   for r, f, lp in zip(out["responses"], out["finished"], lps)]
         completion_tokens = sum(len(r) for r in out["responses"])
+        use = oa.usage(len(ids), completion_tokens)
         if req.stream:
-            pieces = [self._pieces([t for t in r if t != eos]) for r in out["responses"]]
-            chunks = (oa.chat_chunks if chat else oa.completion_chunks)(name, pieces, finish)
+            include = req.stream_options is not None and req.stream_options.include_usage
+            chunks = (oa.chat_chunks if chat else oa.completion_chunks)(name, choices, use if include else None)
             return StreamingResponse(iter(chunks), media_type="text/event-stream")
-        texts = [(self.tok.decode(r, skip_special_tokens=True).strip(), f) for r, f in zip(out["responses"], finish)]
         build = oa.chat_response if chat else oa.completion_response
-        return build(name, texts, len(ids), completion_tokens, extra)
-
-    def _pieces(self, ids: list[int]) -> list[str]:
-        """Token-by-token text deltas whose concatenation is the decoded response."""
-        out, prev = [], ""
-        for i in range(1, len(ids) + 1):
-            text = self.tok.decode(ids[:i], skip_special_tokens=True)
-            out.append(text[len(prev):])
-            prev = text
-        return out
+        return build(name, choices, len(ids), completion_tokens, {"merge_key": key, **out["info"]})
 
     # ---- routes ---------------------------------------------------------------------------------------
 
@@ -173,16 +231,28 @@ class Ingress:
         await self.model.ready.remote()
         return {"status": "ready"}
 
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._auth(request)
+    def _model_list(self) -> list[dict[str, Any]]:
         data = []
         for name, fam in self.families.items():
             data.append({"id": name, "object": "model", "owned_by": "rayalign",
                          "rayalign": {"kind": fam.cfg.kind, "objectives": fam.cfg.objectives}})
             data += [{"id": f"{name}/{soup}", "object": "model", "owned_by": "rayalign",
                       "rayalign": {"preference": mu}} for soup, mu in fam.cfg.soups.items()]
-        return {"object": "list", "data": data}
+        return data
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        return {"object": "list", "data": self._model_list()}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        self._auth(request)
+        for m in self._model_list():
+            if m["id"] == model_id:
+                return m
+        raise oa.APIError(404, f"model {model_id!r} does not exist; see GET /v1/models", param="model",
+                          code="model_not_found")
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
@@ -193,16 +263,40 @@ class Ingress:
         return await self._run(request, oa.CompletionRequest, chat=False)
 
 
+def check_config(cfg: ServeConfig) -> None:
+    """What a replica would find wrong at start-up, found before deploying (where it would surface only
+    after Serve's retries, in the controller's log): every family's paths inside the model store,
+    present, and mergeable into one engine. Raises ValueError naming the family and path."""
+    from rayalign.merge.engine import validate_paths
+
+    paths = []
+    for f in cfg.families:
+        try:
+            fam = Family(f, cfg.model_store, cfg.preference_grid)
+        except PreferenceError as exc:
+            raise ValueError(f"family {f.name}: {exc}") from None
+        missing = [str(p) for p in fam.sources() if not p.is_dir()]
+        if missing:
+            raise ValueError(f"family {f.name}: model directories not found: {missing}")
+        paths += fam.sources()
+    validate_paths(sorted(set(paths)))
+
+
 def build_app(cfg: ServeConfig) -> Any:
-    """The Serve application of a config: Ingress -> ModelServer (replicas, autoscaling, resources)."""
-    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}}
+    """The Serve application of a config: Ingress -> ModelServer (replicas, autoscaling, resources).
+    The config is checked first (check_config)."""
+    check_config(cfg)
+    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+                            "health_check_period_s": cfg.health_check_period_s,
+                            "health_check_timeout_s": cfg.health_check_timeout_s}
     if cfg.max_replicas is not None and cfg.max_replicas > cfg.replicas:
         opts["autoscaling_config"] = {"min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,
                                       "target_ongoing_requests": 4}
     else:
         opts["num_replicas"] = cfg.replicas
     model = ModelServer.options(**opts).bind(cfg.model_dump())
-    return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(cfg.model_dump(), model)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.1},
+                           max_ongoing_requests=cfg.ingress_max_ongoing_requests).bind(cfg.model_dump(), model)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

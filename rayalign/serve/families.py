@@ -72,10 +72,11 @@ class Family:
                                   f"{mu.tolist()}")
         if self.cfg.allow_negative and self.cfg.kind == "linear":
             return np.round(mu * self.grid) / self.grid
-        total = mu.sum()
-        if not total > 0:
+        peak = np.abs(mu).max()
+        if not peak > 0:
             raise PreferenceError(f"preference weights must not all be zero, got {mu.tolist()}")
-        return quantise(mu / total, self.grid)
+        mu = mu / peak  # scaled into [0, 1] first, so the sum cannot overflow ([1e308, 1e308] is (1/2, 1/2))
+        return quantise(mu / mu.sum(), self.grid)
 
     def coefficients(self, mu: np.ndarray) -> list[float]:
         """Coefficients on `self.sources()` (the ingredients, then the anchor when k != 1)."""

@@ -11,48 +11,128 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rayalign.serve.text import Choice, completion_logprobs
 
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# The engines' seed range: vLLM and torch take a 64-bit seed, signed or unsigned; anything wider
+# raises inside the engine (and left vLLM's loop stuck), so it is refused here with a 400.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+COUNT_MAX = 2**31 - 1  # token counts
+
+# OpenAI parameters rayalign does not implement: a request that sets them to anything but their
+# neutral value gets a 400 naming them, never a silent answer that ignores them.
+UNSUPPORTED: dict[str, Any] = {
+    "tools": lambda v: not v, "tool_choice": lambda v: v in (None, "none"), "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": lambda v: not v, "presence_penalty": lambda v: not v, "frequency_penalty": lambda v: not v,
+    "suffix": lambda v: not v, "echo": lambda v: not v, "best_of": lambda v: v in (None, 1),
+    "audio": lambda v: v is None, "modalities": lambda v: v in (None, ["text"]), "prediction": lambda v: v is None,
+}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart] = Field(..., description="a string, or a list of text parts as OpenAI clients "
+                                          "send it (other part types are refused)")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs, ...)
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, metadata, ...)
     model: str = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=COUNT_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=COUNT_MAX)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
-    seed: int | None = None
-    preference: list[float] | None = Field(None, description="rayalign: weights over the family's objectives")
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text ends before the first")
+    preference: list[Annotated[float, Field(strict=True)]] | None = Field(
+        None, description="rayalign: weights over the family's objectives (numbers; strings and booleans are refused)")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is None:
+            return None
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    def stops(self) -> list[str]:
+        return list(self.stop or [])  # type: ignore[arg-type]
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(..., min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        """None: no log-probs; k >= 0: the sampled token's plus the k most likely."""
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    prompt: str = Field(..., min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+
+def _bad_text(obj: Any, where: str = "") -> str | None:
+    """The path of the first string that is not valid Unicode (a lone surrogate such as "\\ud800"
+    decodes from JSON but cannot be encoded or tokenized)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "<body>"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _bad_text(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
 
 
 def parse(kind: type[BaseModel], raw: bytes) -> Any:
@@ -63,10 +143,17 @@ def parse(kind: type[BaseModel], raw: bytes) -> Any:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
+    bad = _bad_text(data)
+    if bad:
+        raise APIError(400, f"{bad}: the text is not valid Unicode (a lone surrogate?)", param=bad)
     if isinstance(data.get("preference"), list):  # JSON has no NaN/inf, but Python's parser accepts them
         for x in data["preference"]:
             if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
                 raise APIError(400, "preference weights must be finite numbers", param="preference")
+    refused = sorted(k for k, neutral in UNSUPPORTED.items() if k in data and not neutral(data[k]))
+    if refused:
+        raise APIError(400, f"unsupported parameter(s) {refused}: rayalign does not implement them",
+                       param=refused[0], code="unsupported_parameter")
     try:
         return kind.model_validate(data)
     except ValidationError as err:
@@ -90,18 +177,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(model: str, texts: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int,
+def chat_response(model: str, choices: list[Choice], prompt_tokens: int, completion_tokens: int,
                   extra: dict[str, Any]) -> dict[str, Any]:
     return {"id": completion_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
-                        for i, (t, f) in enumerate(texts)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish,
+                         "logprobs": None if c.logprobs is None else {"content": c.logprobs}}
+                        for i, c in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens), "rayalign": extra}
 
 
-def completion_response(model: str, texts: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int,
+def completion_response(model: str, choices: list[Choice], prompt_tokens: int, completion_tokens: int,
                         extra: dict[str, Any]) -> dict[str, Any]:
     return {"id": completion_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": t, "finish_reason": f, "logprobs": None} for i, (t, f) in enumerate(texts)],
+            "choices": [{"index": i, "text": c.text, "finish_reason": c.finish, "logprobs": completion_logprobs(c)}
+                        for i, c in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens), "rayalign": extra}
 
 
@@ -109,31 +198,40 @@ def sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-def chat_chunks(model: str, pieces: list[list[str]], finish: list[str]) -> list[str]:
-    """Server-sent events of a chat completion: a role delta, one content delta per token, a finish."""
+def chat_chunks(model: str, choices: list[Choice], usage_: dict[str, int] | None = None) -> list[str]:
+    """Server-sent events of a chat completion: a role delta, one content delta per stream piece (with
+    its tokens' log-probs when asked), a finish; with stream_options.include_usage a last chunk with
+    no choices and the usage."""
     cid, created = completion_id("chatcmpl"), int(time.time())
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
 
-    def chunk(i: int, delta: dict[str, Any], reason: str | None = None) -> str:
-        return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": i, "delta": delta, "finish_reason": reason}]})
+    def chunk(i: int, delta: dict[str, Any], reason: str | None = None, lps: Any = None) -> str:
+        return sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": lps}]})
 
     out = []
-    for i, toks in enumerate(pieces):
+    for i, c in enumerate(choices):
         out.append(chunk(i, {"role": "assistant", "content": ""}))
-        out += [chunk(i, {"content": t}) for t in toks if t]
-        out.append(chunk(i, {}, finish[i]))
+        out += [chunk(i, {"content": p.text}, lps=None if c.logprobs is None else {"content": p.logprobs})
+                for p in c.pieces]
+        out.append(chunk(i, {}, c.finish))
+    if usage_ is not None:
+        out.append(sse({**head, "choices": [], "usage": usage_}))
     return out + [sse("[DONE]")]
 
 
-def completion_chunks(model: str, pieces: list[list[str]], finish: list[str]) -> list[str]:
+def completion_chunks(model: str, choices: list[Choice], usage_: dict[str, int] | None = None) -> list[str]:
     cid, created = completion_id("cmpl"), int(time.time())
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model}
 
-    def chunk(i: int, text: str, reason: str | None = None) -> str:
-        return sse({"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]})
+    def chunk(i: int, text: str, reason: str | None = None, lps: Any = None) -> str:
+        return sse({**head, "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lps}]})
 
     out = []
-    for i, toks in enumerate(pieces):
-        out += [chunk(i, t) for t in toks if t]
-        out.append(chunk(i, "", finish[i]))
+    for i, c in enumerate(choices):
+        for p in c.pieces:
+            lps = None if c.logprobs is None else completion_logprobs(Choice(p.text, c.finish, [], p.logprobs))
+            out.append(chunk(i, p.text, lps=lps))
+        out.append(chunk(i, "", c.finish))
+    if usage_ is not None:
+        out.append(sse({**head, "choices": [], "usage": usage_}))
     return out + [sse("[DONE]")]

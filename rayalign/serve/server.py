@@ -67,6 +67,19 @@ class PersonalizedServer:
         self._ticket = 0
         self._streak = 0
         self.max_streak = 8
+        self._engine_since: float | None = None  # when the engine call in progress began (the watchdog's clock)
+
+    def stuck_s(self) -> float:
+        """How long the engine call in progress has run (0 when idle): a replica whose engine call
+        outlives `generation_timeout_s` is wedged and must be replaced."""
+        since = self._engine_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def check_health(self) -> None:
+        stuck = self.stuck_s()
+        if stuck > self.cfg.generation_timeout_s:
+            raise RuntimeError(f"the engine has been inside one call for {stuck:.0f} s (generation_timeout_s "
+                               f"{self.cfg.generation_timeout_s:g}): wedged")
 
     def _weights(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._ingredients:
@@ -118,6 +131,7 @@ class PersonalizedServer:
     def generate(self, key: str, prompts: list[list[int]], sampling: SamplingConfig) -> tuple[list[Rollout], dict[str, Any]]:
         """Generate with the model `key` names; weights are swapped in place only when the key changes."""
         wait_s = self._acquire(key)
+        self._engine_since = time.monotonic()
         try:
             weights, hit, merge_s = self.merged(key)
             load_s = 0.0
@@ -131,4 +145,5 @@ class PersonalizedServer:
             return out, {"engine": self.engine.name, "cache_hit": hit, "merge_s": merge_s, "load_s": load_s,
                          "queue_s": wait_s, "generate_s": time.perf_counter() - t0}
         finally:
+            self._engine_since = None
             self._release()
