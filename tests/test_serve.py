@@ -384,27 +384,37 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
 
 
 def test_serve_refuses_a_bad_store_path_before_deploying(quick_demo, tmp_path):
-    """A family path outside the store (.., absolute, a link out) or missing is named by `rayalign serve`
-    in seconds, before Ray or Serve start."""
+    """A family path outside the store (.., absolute, a link out) or missing is named before anything
+    deploys: by check_config (which build_app runs for `serve run` too), and by `rayalign serve` in
+    seconds, before Ray or Serve start."""
     import time
 
     import yaml
 
+    from rayalign.serve.app import check_config
     from tests.conftest import run_cli
 
     base = serve_config(quick_demo, _free_port()).model_dump()
-    (quick_demo / "link-out").unlink(missing_ok=True)
-    (quick_demo / "link-out").symlink_to(tmp_path)
-    for bad, match in [("../elsewhere", "outside the model store"), ("/etc", "outside the model store"),
-                       ("link-out/x", "outside the model store"), ("sft/missing", "model directories not found")]:
-        cfg = {**base, "families": [{**base["families"][0], "models": [bad, base["families"][0]["models"][1]]}]}
-        path = tmp_path / "bad.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        t0 = time.monotonic()
-        proc = run_cli("serve", "--config", str(path), check=False, timeout=120)
-        assert proc.returncode == 2 and match in proc.stderr and "demo-soup" in proc.stderr, proc.stderr[-2000:]
-        assert time.monotonic() - t0 < 60
-    (quick_demo / "link-out").unlink()
+
+    def with_model(bad: str) -> dict:
+        return {**base, "families": [{**base["families"][0], "models": [bad, base["families"][0]["models"][1]]}]}
+
+    link = quick_demo / "link-out"
+    link.unlink(missing_ok=True)
+    link.symlink_to(tmp_path)
+    try:
+        for bad, match in [("/etc", "outside the model store"), ("link-out/x", "outside the model store"),
+                           ("sft/missing", "model directories not found")]:
+            with pytest.raises(ValueError, match=f"family demo-soup: .*{match}"):
+                check_config(ServeConfig.model_validate(with_model(bad)))
+    finally:
+        link.unlink()
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(with_model("../elsewhere")))
+    t0 = time.monotonic()
+    proc = run_cli("serve", "--config", str(path), check=False, timeout=120)
+    assert proc.returncode == 2 and "outside the model store" in proc.stderr and "demo-soup" in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 60
 
 
 WEDGE = r"""

@@ -162,3 +162,17 @@ def test_request_parsing_refuses_what_it_does_not_implement():
         with pytest.raises(oa.APIError, match=match) as err:
             parse({**ok, **extra})
         assert err.value.status == 400
+
+
+def test_streamed_completion_logprobs_count_offsets_from_the_start(tokenizer_and_preset):
+    import json
+
+    from rayalign.serve import openai_api as oa
+    from rayalign.serve.text import completion_logprobs, render_choice
+
+    tok, _ = tokenizer_and_preset
+    ids = tok(" the fox lives in the forest .", add_special_tokens=False)["input_ids"]
+    c = render_choice(tok, ids, finished=False, logprobs=[{t: -1.0} for t in ids], top=0)
+    events = [json.loads(e[6:]) for e in oa.completion_chunks("m", [c]) if e.startswith("data: {")]
+    offsets = [o for e in events if e["choices"][0]["logprobs"] for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == completion_logprobs(c)["text_offset"] and offsets[0] == 0 and offsets == sorted(set(offsets))

@@ -43,9 +43,9 @@ def encode_prompt(tok: Any, prompt: str | list[dict[str, str]]) -> list[int]:
     return _ids(tok, render(tok, msgs, add_generation_prompt=True))
 
 
-def special_strings(tok: Any) -> list[str]:
+def special_strings(tok: Any) -> set[str]:
     """Every string the tokenizer reads as one special (added) token."""
-    return sorted({*tok.all_special_tokens, *getattr(tok, "added_tokens_encoder", {})}, key=len, reverse=True)
+    return {*tok.all_special_tokens, *getattr(tok, "added_tokens_encoder", {})}
 
 
 def encode_untrusted_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -228,9 +228,11 @@ def completion_chunks(model: str, choices: list[Choice], usage_: dict[str, int] 
 
     out = []
     for i, c in enumerate(choices):
+        offset = 0  # text_offset counts from the start of the whole choice, across chunks
         for p in c.pieces:
-            lps = None if c.logprobs is None else completion_logprobs(Choice(p.text, c.finish, [], p.logprobs))
-            out.append(chunk(i, p.text, lps=lps))
+            part = Choice(p.text, c.finish, [], p.logprobs)
+            out.append(chunk(i, p.text, lps=None if c.logprobs is None else completion_logprobs(part, offset)))
+            offset += sum(len(e["token"]) for e in p.logprobs)
         out.append(chunk(i, "", c.finish))
     if usage_ is not None:
         out.append(sse({**head, "choices": [], "usage": usage_}))

@@ -106,11 +106,12 @@ def render_choice(tok: Any, ids: list[int], finished: bool, stops: list[str] = (
     return Choice(full[begin:end] if end > begin else "", finish, pieces, kept if entries is not None else None)
 
 
-def completion_logprobs(choice: Choice) -> dict[str, Any] | None:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(choice: Choice, start: int = 0) -> dict[str, Any] | None:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, and text_offset (from `start`,
+    the offset of this part's first token in the whole text when streaming)."""
     if choice.logprobs is None:
         return None
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for e in choice.logprobs:
         offsets.append(pos)
         pos += len(e["token"])
