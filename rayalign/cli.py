@@ -266,19 +266,19 @@ def serve_(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 
     from rayalign.config.schema import ServeConfig
     from rayalign.distributed.cluster import connect
-    from rayalign.serve.app import build_app, check_config
+    from rayalign.serve.app import build_app
 
     if config is None:
         _fail(ConfigError("rayalign serve needs --config serve.yaml (model_store and families)"))
     cfg = _run(load_config, ServeConfig, config, overrides or [])
     try:
-        check_config(cfg)  # before Ray and Serve start: a bad store path is named here, not in a controller log
+        app = build_app(cfg)  # checks the config before Ray and Serve start: a bad store path is named here
     except ValueError as exc:
         _fail(exc)
     connect()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     try:
-        _run(serve.run, build_app(cfg), name="rayalign", route_prefix="/")
+        _run(serve.run, app, name="rayalign", route_prefix="/")
     except ValueError as exc:
         _fail(exc)
     typer.echo(f"serving {[f.name for f in cfg.families]} at http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)")

@@ -228,11 +228,11 @@ def completion_chunks(model: str, choices: list[Choice], usage_: dict[str, int] 
 
     out = []
     for i, c in enumerate(choices):
-        offset = 0  # text_offset counts from the start of the whole choice, across chunks
+        whole, n = completion_logprobs(c), 0  # each chunk carries its slice: text_offset counts from the start
         for p in c.pieces:
-            part = Choice(p.text, c.finish, [], p.logprobs)
-            out.append(chunk(i, p.text, lps=None if c.logprobs is None else completion_logprobs(part, offset)))
-            offset += sum(len(e["token"]) for e in p.logprobs)
+            lps = None if whole is None else {k: v[n:n + len(p.logprobs)] for k, v in whole.items()}
+            out.append(chunk(i, p.text, lps=lps))
+            n += len(p.logprobs)
         out.append(chunk(i, "", c.finish))
     if usage_ is not None:
         out.append(sse({**head, "choices": [], "usage": usage_}))

@@ -84,16 +84,15 @@ def render_choice(tok: Any, ids: list[int], finished: bool, stops: list[str] = (
     entries = logprob_entries(tok, ids, logprobs, top) if logprobs is not None else None
     pieces: list[Piece] = []
     pending: list[dict[str, Any]] = []
-    offset = 0
-    kept: list[dict[str, Any]] = []
+    offset = used = 0  # used: tokens up to the stop string
     for j, d in enumerate(deltas):
         start = offset
         offset += len(d)
         if start >= end and (d or start > end):
             break  # past the stop string: neither text nor log-probs
+        used = j + 1
         if entries is not None:
             pending.append(entries[j])
-            kept.append(entries[j])
         text = full[max(start, begin):min(offset, end)]
         if text:
             pieces.append(Piece(text, pending))
@@ -103,15 +102,14 @@ def render_choice(tok: Any, ids: list[int], finished: bool, stops: list[str] = (
             pieces[-1].logprobs.extend(pending)
         else:
             pieces.append(Piece("", pending))
-    return Choice(full[begin:end] if end > begin else "", finish, pieces, kept if entries is not None else None)
+    return Choice(full[begin:end] if end > begin else "", finish, pieces, entries[:used] if entries is not None else None)
 
 
-def completion_logprobs(choice: Choice, start: int = 0) -> dict[str, Any] | None:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, and text_offset (from `start`,
-    the offset of this part's first token in the whole text when streaming)."""
+def completion_logprobs(choice: Choice) -> dict[str, Any] | None:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
     if choice.logprobs is None:
         return None
-    offsets, pos = [], start
+    offsets, pos = [], 0
     for e in choice.logprobs:
         offsets.append(pos)
         pos += len(e["token"])
