@@ -14,6 +14,42 @@ from rayalign.world.gold import OBJECTIVES
 InferenceDType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# the Llama-family modules vLLM applies LoRA to (its packed qkv_proj / gate_up_proj cover the parts)
+VLLM_LORA_MODULES = LLAMA_LINEAR
+
+
+class LoraConfig(Strict):
+    """Low-rank adapters (PEFT's LoRA, arXiv:2106.09685) instead of full-weight training; r = 0 trains
+    every weight. The adapter is saved as a standard PEFT directory."""
+
+    r: int = Field(0, ge=0, description="rank; 0 = full-weight training")
+    alpha: float = Field(16.0, gt=0, description="scaling alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR), min_length=1,
+                                      description="module name suffixes; default every linear projection of the "
+                                      "Llama block")
+    save_merged: bool = Field(False, description="also write the merged full model to OUTPUT/merged")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+def check_vllm_lora(lora: LoraConfig, where: str) -> int:
+    """The max_lora_rank a vLLM engine needs for this adapter; an error names the allowed values."""
+    if lora.r > max(VLLM_LORA_RANKS):
+        raise ValueError(f"{where}.r = {lora.r}: vLLM serves LoRA ranks up to {max(VLLM_LORA_RANKS)} "
+                         f"(max_lora_rank one of {list(VLLM_LORA_RANKS)}); use a smaller rank or rollout.engine=hf")
+    bad = [m for m in lora.target_modules if m not in VLLM_LORA_MODULES]
+    if bad:
+        raise ValueError(f"{where}.target_modules {bad}: vLLM applies LoRA to {list(VLLM_LORA_MODULES)} only; "
+                         "drop them or use rollout.engine=hf")
+    return min(r for r in VLLM_LORA_RANKS if r >= lora.r)
+
+
 class LearnerConfig(Strict):
     """The DeepSpeed learner (rayalign.learner.engine.Learner)."""
 
@@ -31,6 +67,7 @@ class LearnerConfig(Strict):
                                          "(long sequences at 7B scale)")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     seed: int = 0
+    lora: LoraConfig = LoraConfig()
 
     @field_validator("offload_params")
     @classmethod
@@ -77,6 +114,12 @@ class PretrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     max_seq_len: int = Field(96, ge=8)
     save_every: int = Field(100, ge=0, description="optimiser steps between resumable states (0: only at the end)")
+
+    @model_validator(mode="after")
+    def _full(self) -> PretrainConfig:
+        if self.learner.lora.enabled:
+            raise ValueError("learner.lora: pre-training from scratch trains every weight (set learner.lora.r=0)")
+        return self
 
 
 class SFTConfig(Strict):
@@ -243,8 +286,17 @@ class RLConfig(Strict):
     monitor: MonitorConfig = MonitorConfig()
     sync: SyncConfig = SyncConfig()
 
+    @property
+    def reference_in_learner(self) -> bool:
+        """A LoRA policy whose pi_ref is its own start (plain PPO) computes pi_ref in the learner
+        with the adapter disabled; a soup (SALSA) comes from the reference workers."""
+        return self.learner.actor.lora.enabled and self.reference.models in ([], [self.policy]) and \
+            self.reference.weights in (None, [1.0])
+
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:
+        if self.learner.actor.lora.enabled and self.rollout.engine != "hf":  # the adapter vLLM must serve
+            check_vllm_lora(self.learner.actor.lora, "learner.actor.lora")
         if self.reward.kind == "model" and not self.reward.model:
             raise ValueError("reward.model is required when reward.kind is 'model'")
         if self.reference.weights is not None and len(self.reference.weights) != len(self.reference.models):
@@ -327,6 +379,8 @@ class PrefConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> PrefConfig:
         lc = self.learner.actor
+        if lc.lora.enabled and self.rollout.engine != "hf":
+            check_vllm_lora(lc.lora, "learner.actor.lora")
         mini = lc.micro_batch_size * lc.grad_accum * self.learner.ranks
         if self.pairs_per_step % mini:
             raise ValueError(f"pairs_per_step = {self.pairs_per_step} is not a multiple of learner.actor "
@@ -443,6 +497,8 @@ class SoupsConfig(Strict):
         default_factory=lambda: list(SOUP_METHODS), min_length=1)
     rl_config: str = Field("ppo", description="RL config (name or YAML) of every PPO run")
     rl: list[str] = Field(default_factory=list, description="dotted overrides for every PPO run, e.g. [steps=20]")
+    lora: LoraConfig = Field(LoraConfig(), description="r > 0: every expert and backbone is a LoRA adapter on "
+                             "`policy` (its PPO actor trains the adapter; fronts merge the adapters)")
     bone_beta: float = Field(0.7, gt=0.5, lt=1.0, description="diagonal of Bone Soup's B")
     bone_k: list[float] = Field(default_factory=lambda: [1.0, 1.2, 1.4], min_length=1,
                                 description="extrapolation candidates k >= 1 (1: none), chosen on the dev split")

@@ -70,7 +70,8 @@ class PlacementPlan:
             RoleDemand("rollout", cfg.rollout.workers, cfg.rollout.resources.num_cpus,
                        cfg.rollout.resources.num_gpus),
             RoleDemand("reward", cfg.reward.workers, cfg.reward.resources.num_cpus, cfg.reward.resources.num_gpus),
-            RoleDemand("reference", cfg.reference.workers, cfg.reference.resources.num_cpus,
+            RoleDemand("reference", 0 if getattr(cfg, "reference_in_learner", False) else cfg.reference.workers,
+                       cfg.reference.resources.num_cpus,
                        cfg.reference.resources.num_gpus),
         ]
         return cls.build(demands, [list(g) for g in cfg.placement.colocate], cfg.placement.strategy)

@@ -17,7 +17,7 @@ import torch
 
 from rayalign.config.schema import LearnerConfig, PPOAlgoConfig
 from rayalign.learner.dist import init_process_group
-from rayalign.learner.engine import Learner
+from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.learner.policy import PolicyRank
 from rayalign.losses.logprobs import token_logprobs
 from rayalign.losses.ppo import entropy, policy_loss, value_loss
@@ -41,7 +41,10 @@ def load_value_model(path: str | Path) -> Any:
 
 class ActorCriticRank(PolicyRank):
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str, critic: str,
-              actor_cfg: dict[str, Any], critic_cfg: dict[str, Any], temperature: float = 1.0, seed: int = 0) -> None:
+              actor_cfg: dict[str, Any], critic_cfg: dict[str, Any], temperature: float = 1.0, seed: int = 0,
+              own_reference: bool = False) -> None:
+        """`own_reference`: pi_ref is the LoRA policy's own base, computed here with the adapter
+        disabled (no reference workers, no second copy of the model)."""
         acfg, ccfg = LearnerConfig(**actor_cfg), LearnerConfig(**critic_cfg)
         init_process_group(acfg.backend, rank, world_size, master_addr, master_port)
         self.rank, self.world_size, self.temperature, self.seed = rank, world_size, temperature, seed
@@ -50,8 +53,11 @@ class ActorCriticRank(PolicyRank):
         self.tokenizer = load_tokenizer(policy)
         critic_model = load_value_model(critic)
         critic_model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.actor = Learner(policy_model, acfg)
-        self.critic = Learner(critic_model, ccfg)
+        self.actor = Learner(wrap_lora(policy_model, acfg, policy), acfg)
+        self.critic = Learner(wrap_lora(critic_model, ccfg, critic, heads=["score"]), ccfg)
+        if own_reference and not self.actor.is_lora:
+            raise ValueError("own_reference needs a LoRA policy (learner.actor.lora.r > 0)")
+        self.own_reference = own_reference
         self.learners = {"actor": self.actor, "critic": self.critic}
 
     # ---- experience ------------------------------------------------------------------------
@@ -64,12 +70,18 @@ class ActorCriticRank(PolicyRank):
 
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Old policy log-probs and old values of a shard (before this iteration's updates)."""
+        """Old policy log-probs and old values of a shard (before this iteration's updates), and
+        with `own_reference` pi_ref's log-probs (`ref_logp`, the adapter disabled)."""
         assert self.actor is not None, "setup() first"
         self.actor.engine.eval()
         self.critic.engine.eval()
         logp = token_logprobs(self._logits(self.actor.engine, batch), batch["input_ids"], self.temperature)
-        return {"logp": logp, "values": self._values(self.critic.engine, batch)}
+        out = {"logp": logp, "values": self._values(self.critic.engine, batch)}
+        if self.own_reference:
+            with self.actor.adapter_disabled():
+                out["ref_logp"] = token_logprobs(self._logits(self.actor.engine, batch), batch["input_ids"],
+                                                 self.temperature)
+        return out
 
     def train(self, batch: dict[str, torch.Tensor], algo: dict[str, Any], iteration: int) -> dict[str, float]:
         """`algo.epochs` passes over this rank's shard in mini-batches; one optimiser step of the

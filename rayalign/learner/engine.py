@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from rayalign.config.schema import LearnerConfig
 from rayalign.learner.dist import barrier, deepspeed, init_process_group, is_rank0
+from rayalign.models import lora
 from rayalign.models.checkpoint import save_model
 from rayalign.utils.device import to_device
 
@@ -58,10 +60,19 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int]
     return f
 
 
+def wrap_lora(model: torch.nn.Module, cfg: LearnerConfig, base: str | None,
+              heads: list[str] | None = None) -> torch.nn.Module:
+    """With cfg.lora.r > 0: a PeftModel whose adapter (and `heads`, trained in full) is all that
+    trains; otherwise the model unchanged."""
+    return lora.apply_lora(model, cfg.lora, heads, base) if cfg.lora.enabled else model
+
+
 class Learner:
     def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, total_steps: int | None = None):
         init_process_group(cfg.backend)
         self.cfg = cfg
+        if cfg.lora.enabled and not lora.is_peft(model):
+            raise ValueError("learner.lora.r > 0 but the model has no adapter: wrap it with wrap_lora() first")
         if cfg.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError(f"learner.gradient_checkpointing: {type(model).__name__} does not support it")
@@ -77,6 +88,18 @@ class Learner:
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
+
+    @property
+    def is_lora(self) -> bool:
+        return lora.is_peft(self.engine.module)
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Forward passes inside run the frozen base (LoRA off): pi_ref without a second copy."""
+        if not self.is_lora:
+            raise RuntimeError("adapter_disabled() needs a LoRA learner")
+        with self.engine.module.disable_adapter():
+            yield
 
     @property
     def device(self) -> torch.device:
@@ -114,13 +137,37 @@ class Learner:
             else:
                 yield name, p.detach()
 
+    def iter_trainable_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The trainable parameters only (a LoRA learner's A, B and heads), gathered one by one."""
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    yield name, p.detach().clone()
+            else:
+                yield name, p.detach()
+
+    def iter_adapter_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """A LoRA learner's adapter tensors under their PEFT file names (what vLLM and PEFT load)."""
+        for name, t in self.iter_trainable_params():
+            yield lora.file_name(name), t
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on CPU (collective: every rank must call it)."""
         return {n: t.to("cpu", copy=True) for n, t in self.iter_full_params()}
 
     def save_pretrained(self, out: str | Path, tokenizer: Any = None, overwrite: bool = False,
                         extra: dict[str, Any] | None = None) -> Path:
-        """HF directory (safetensors) written atomically by rank 0; collective."""
+        """HF directory (safetensors) written atomically by rank 0; collective. A LoRA learner
+        writes a PEFT adapter directory (and OUTPUT/merged with lora.save_merged)."""
+        if self.is_lora:
+            state = {n: t.to("cpu", copy=True) for n, t in self.iter_adapter_params()}
+            if is_rank0():
+                lora.save_adapter(self.module, tokenizer, out, state, overwrite=overwrite, extra=extra,
+                                  merged=self.cfg.lora.save_merged)
+            barrier()
+            return Path(out)
         sd = self.full_state_dict()
         if is_rank0():
             save_model(self.module, tokenizer, out, state_dict=sd, overwrite=overwrite, extra=extra)

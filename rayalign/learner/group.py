@@ -80,10 +80,10 @@ class LearnerGroup(RankGroup):
     """PPO's learner group: every rank holds the actor and the critic (ActorCriticRank)."""
 
     def __init__(self, plan: Any, cfg: LearnerGroupConfig, policy: str, critic: str, temperature: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, own_reference: bool = False):
         super().__init__(plan, cfg.ranks, ActorCriticRank, policy=policy, critic=critic,
                          actor_cfg=cfg.actor.model_dump(), critic_cfg=cfg.critic.model_dump(),
-                         temperature=temperature, seed=seed)
+                         temperature=temperature, seed=seed, own_reference=own_reference)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outs = self.call_sharded("forward", shard(batch, len(self.ranks)))

@@ -6,6 +6,7 @@ checkpoint. No Ray in here; `rayalign.learner.group.RankGroup` wraps ranks in ac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from rayalign.learner.dist import free_port
 from rayalign.learner.engine import Learner
+from rayalign.models.lora import file_name
 from rayalign.sync.buckets import BucketMeta, bucketize
 
 
@@ -37,11 +39,18 @@ class PolicyRank:
         return ip, free_port()
 
     # ---- weights out -----------------------------------------------------------------------
+    def _weights_out(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """What a sync sends: a LoRA policy's adapter tensors only, else every weight."""
+        assert self.actor is not None
+        return self.actor.iter_adapter_params() if self.actor.is_lora else self.actor.iter_full_params()
+
     def bucket_metas(self, bucket_bytes: int) -> list[BucketMeta]:
         """The bucket layout of the policy weights (shapes only; no gathering)."""
         assert self.actor is not None
-        named = ((n, torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta"))
-                 for n, p in self.actor.module.named_parameters())
+        lora = self.actor.is_lora
+        named = ((file_name(n) if lora else n,
+                  torch.empty(tuple(getattr(p, "ds_shape", p.shape)), dtype=p.dtype, device="meta"))
+                 for n, p in self.actor.module.named_parameters() if p.requires_grad or not lora)
         return [m for m, _ in bucketize(named, bucket_bytes, allocate=False)]
 
     def publish_buckets(self, bucket_bytes: int) -> tuple[list[BucketMeta], list[Any], int] | None:
@@ -50,7 +59,7 @@ class PolicyRank:
 
         assert self.actor is not None
         metas, refs, nbytes = [], [], 0
-        for meta, flat in bucketize(self.actor.iter_full_params(), bucket_bytes):
+        for meta, flat in bucketize(self._weights_out(), bucket_bytes):
             if self.rank == 0:
                 metas.append(meta)
                 refs.append(ray.put(flat))
@@ -69,7 +78,7 @@ class PolicyRank:
     def broadcast_weights(self, bucket_bytes: int) -> tuple[int, int]:
         """Collective over the learner ranks (ZeRO-3 gathers); rank 0 broadcasts to the workers."""
         assert self.actor is not None
-        buckets = bucketize(self.actor.iter_full_params(), bucket_bytes)
+        buckets = bucketize(self._weights_out(), bucket_bytes)
         if self.rank != 0:
             for _ in buckets:
                 pass

@@ -16,6 +16,8 @@ rejected) and, for SPO with beta > 0, online samples under `kl_` keys.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -23,7 +25,7 @@ import torch
 
 from rayalign.config.schema import LearnerConfig, PrefAlgoConfig
 from rayalign.learner.dist import init_process_group
-from rayalign.learner.engine import Learner
+from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.learner.group import RankGroup, mean_metrics
 from rayalign.learner.policy import PolicyRank
 from rayalign.losses.logprobs import full_kl, token_logprobs
@@ -37,6 +39,11 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).logits
 
 
+def own_reference(policy: str, reference: list[str], weights: list[float] | None) -> bool:
+    """pi_ref is the policy's own starting checkpoint (not a soup), so a LoRA policy's base is it."""
+    return list(reference) == [policy] and (weights is None or list(weights) == [1.0])
+
+
 class PreferenceRank(PolicyRank):
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str,
               reference: list[str], reference_weights: list[float] | None, actor_cfg: dict[str, Any],
@@ -47,20 +54,34 @@ class PreferenceRank(PolicyRank):
         torch.manual_seed(seed)
         model, _ = load_causal_lm(policy, with_tokenizer=False)
         self.tokenizer = load_tokenizer(policy)
-        self.actor = Learner(model, cfg)
+        self.actor = Learner(wrap_lora(model, cfg, policy), cfg)
         self.learners = {"actor": self.actor}
-        self.reference = ReferenceWorker(reference, reference_weights)
-        self.reference.model.to(self.actor.device)
+        if self.actor.is_lora and own_reference(policy, reference, reference_weights):
+            self.reference = None  # pi_ref = the policy with its adapter disabled: no second copy
+            self.reference_description = {"models": [policy], "weights": [1.0], "adapter_disabled": True}
+        else:
+            self.reference = ReferenceWorker(reference, reference_weights)
+            self.reference.model.to(self.actor.device)
+            self.reference_description = self.reference.describe()
 
     def describe_reference(self) -> dict[str, Any]:
-        return self.reference.describe()
+        return self.reference_description
+
+    @contextmanager
+    def _reference(self, model: Any) -> Iterator[Any]:
+        """pi_ref for a forward pass: the reference model, or `model` with its adapter disabled."""
+        if self.reference is not None:
+            yield self.reference.model
+        else:
+            assert self.actor is not None
+            with self.actor.adapter_disabled():
+                yield model
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], method: str,
                    algo: dict[str, Any]) -> dict[str, float]:
         """One optimiser step of `method` (spo, dpo or ipo) over this rank's micro-batches."""
         assert self.actor is not None, "setup() first"
         a = PrefAlgoConfig(**algo)
-        ref_model = self.reference.model
         clock = {"reference": 0.0, "kl": 0.0}
 
         def loss_fn(model: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -74,7 +95,7 @@ class PreferenceRank(PolicyRank):
                 loss = spo_loss(w, l_, a.alpha, a.gamma)
             else:
                 t0 = time.perf_counter()
-                with torch.no_grad():
+                with torch.no_grad(), self._reference(model) as ref_model:
                     ref = sequence_logprob(token_logprobs(_forward(ref_model, ids, attn), ids), resp)
                 clock["reference"] += time.perf_counter() - t0
                 rw, rl = ref[:n], ref[n:]
@@ -86,7 +107,7 @@ class PreferenceRank(PolicyRank):
             if "kl_input_ids" in mb:
                 t0 = time.perf_counter()
                 kid, kattn, kmask = mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_response_mask"]
-                with torch.no_grad():
+                with torch.no_grad(), self._reference(model) as ref_model:
                     ref_logits = _forward(ref_model, kid, kattn)
                 t1 = time.perf_counter()
                 logits = _forward(model, kid, kattn)

@@ -26,7 +26,10 @@ from tqdm.auto import tqdm
 from rayalign.merge import kernels
 from rayalign.merge.io import (INDEX, SINGLE, Checkpoint, MergeInputError, StreamingShardWriter, shard_plan,
                                tensor_nbytes)
+from rayalign.merge.lora import Adapter, AdapterCheckpoint, check_on_base, combine, load_adapter, open_checkpoint, \
+    save_combined
 from rayalign.merge.spec import OUT_DTYPES, Kernel, MergeSpec, resolve
+from rayalign.models.lora import is_adapter_dir
 from rayalign.utils.io import OutputExistsError, atomic_dir
 
 # config fields that must agree for weights to be mergeable
@@ -71,8 +74,8 @@ def _vocab(path: Path) -> dict[str, int] | None:
 
 
 def validate_paths(paths: Sequence[str | Path]) -> None:
-    """validate() on model directories, opened only for the check."""
-    ckpts = [Checkpoint(p) for p in paths]
+    """validate() on model (or adapter) directories, opened only for the check."""
+    ckpts = [open_checkpoint(p) for p in paths]
     try:
         validate(ckpts)
     finally:
@@ -160,10 +163,14 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output directory already exists: {out} (choose another path or remove it)")
     res = resolve(spec)
-    ckpts = [Checkpoint(p) for p in res.paths]
+    if output_kind(spec, res) == "adapter":
+        return _merge_adapters(spec, res, out, overwrite, t0)
+    ckpts = [open_checkpoint(p) for p in res.paths]
     try:
         validate(ckpts)
         template = Path(res.template)
+        if isinstance(ckpts[res.paths.index(res.template)], AdapterCheckpoint):  # config from the adapter's base
+            template = Path(ckpts[res.paths.index(res.template)].adapter.base)
         names = list(ckpts[0].keys())
         first = ckpts[0].tensors
 
@@ -212,6 +219,74 @@ def merge_to_disk(spec: MergeSpec, out: str | Path, progress: bool = True, overw
     finally:
         for c in ckpts:
             c.close()
+
+
+def output_kind(spec: MergeSpec, res: Any) -> str:
+    """'adapter' or 'full': spec.output, where 'auto' is an adapter when every input is an adapter
+    (or their base) and the merge is one exactly (see rayalign.merge.lora)."""
+    if spec.output != "auto":
+        return spec.output
+    adapters = [p for p in res.paths if is_adapter_dir(p)]
+    if not adapters:
+        return "full"
+    try:
+        _adapter_terms(res)
+    except MergeInputError:
+        return "full"
+    return "adapter"
+
+
+def _adapter_terms(res: Any) -> tuple[list[Adapter], list[float]]:
+    """The adapters of a resolved merge and their coefficients; the other inputs must be the
+    adapters' base, and all coefficients must sum to 1 (base weight 1), else no adapter is exact."""
+    adapters, coefs, base_coef, fulls = [], [], 0.0, []
+    for path, c in zip(res.paths, res.coefficients):
+        if is_adapter_dir(path):
+            adapters.append(load_adapter(path))
+            coefs.append(c)
+        else:
+            fulls.append(path)
+            base_coef += c
+    if not adapters:
+        raise MergeInputError("an adapter output needs at least one adapter among the models")
+    bases = sorted({str(Path(a.base).expanduser().resolve()) if Path(a.base).expanduser().exists() else a.base
+                    for a in adapters})
+    if len(bases) > 1:
+        raise MergeInputError(f"adapters on different bases cannot be combined into one adapter: {bases} "
+                              "(use output: full)")
+    for f in fulls:
+        if str(Path(f).expanduser().resolve()) != bases[0]:
+            raise MergeInputError(f"{f} is a full model, not the adapters' base {bases[0]}; an adapter output can "
+                                  "only mix adapters and their base (use output: full)")
+    total = base_coef + sum(coefs)
+    if abs(total - 1.0) > 1e-6:
+        raise MergeInputError(f"the coefficients sum to {total:g}: a combination of adapters is one adapter on the "
+                              "base only when they sum to 1 (use normalize: true, task_arithmetic, or output: full)")
+    return adapters, coefs
+
+
+def _merge_adapters(spec: MergeSpec, res: Any, out: Path, overwrite: bool, t0: float) -> MergeReport:
+    """One exact combined adapter of rank sum r_i (rayalign.merge.lora.combine), atomically."""
+    adapters, coefs = _adapter_terms(res)
+    base = Checkpoint(adapters[0].base)
+    try:
+        for a in adapters:
+            check_on_base(a, base)
+        validate([base])
+    finally:
+        base.close()
+    combined = combine(adapters, coefs)
+    first = next(p for p in res.paths if is_adapter_dir(p))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        report = MergeReport(str(out), spec.method, [str(p) for p in res.paths], res.coefficients,
+                             2 * len(combined.modules), sum(a.nbytes() for a in adapters), 0, 0.0)
+        report.bytes_written = save_combined(combined, tmp, tokenizer_from=first,
+                                             dtype=OUT_DTYPES[spec.dtype] if spec.dtype else torch.float32)
+        report.seconds = round(time.time() - t0, 3)
+        (tmp / "rayalign_merge.json").write_text(json.dumps(
+            {"spec": spec.model_dump(mode="json"), "report": report.as_dict(), "output": "adapter",
+             "rank": combined.rank, "adapter_coefficients": coefs}, indent=2) + "\n")
+    return report
 
 
 def _copy_side_files(template: Path, tmp: Path, spec: MergeSpec) -> None:

@@ -155,8 +155,11 @@ class Checkpoint:
 
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory, in memory (optionally cast): the ingredients that are
-    merged again and again in place (searches over merges, Serve replicas)."""
-    ck = Checkpoint(path)
+    merged again and again in place (searches over merges, Serve replicas). An adapter directory
+    gives the full weights it stands for (base + B A)."""
+    from rayalign.merge.lora import open_checkpoint
+
+    ck = open_checkpoint(path)
     try:
         return {n: ck.read(n) if dtype is None else ck.read(n).to(dtype) for n in ck.keys()}
     finally:

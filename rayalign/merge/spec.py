@@ -9,8 +9,12 @@ rayalign YAML:
     base_model: runs/sft/sft-0   # task_arithmetic: the base; expo: theta_0; bone_soup: SFT anchor for k
     k: 1.2                       # bone_soup extrapolation against base_model (k = 1: none)
     dtype: float32               # output dtype (default: the first model's)
+    output: auto                 # PEFT adapters among the models: adapter (one exact adapter of rank
+                                 # sum r_i, see rayalign.merge.lora) | full | auto (adapter when exact)
 
-mergekit YAML (methods `linear` and `task_arithmetic`):
+Any model may be a PEFT LoRA directory (read as base + B A). mergekit YAML (methods `linear` and
+`task_arithmetic`; `BASE+LORA` names a model with a LoRA applied, as in mergekit; output full unless
+`output: adapter`):
 
     merge_method: linear
     models:
@@ -58,6 +62,9 @@ class MergeSpec(Strict):
     k: float = Field(1.0, strict=True, description="bone_soup: extrapolation against base_model, k >= 1")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     max_shard_bytes: int = Field(2 * 1024**3, gt=0)
+    output: Literal["auto", "full", "adapter"] = Field(
+        "auto", description="PEFT adapters among the models: 'adapter' writes one exact combined adapter (rank "
+        "sum r_i), 'full' the merged full model; 'auto' an adapter when the merge is one")
 
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
@@ -136,6 +143,30 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> MergeSpec:
     return parse_spec(apply_overrides(read_yaml_mapping(path), list(overrides)))
 
 
+def lora_ref(ref: Any, where: str) -> Any:
+    """mergekit's 'BASE+LORA' (a model with a LoRA applied) -> the adapter directory LORA, after
+    checking that LORA records BASE as its base; anything else is returned unchanged."""
+    if not isinstance(ref, str) or "+" not in ref or Path(ref).exists():
+        return ref
+    from rayalign.models.lora import AdapterError, adapter_base, is_adapter_dir
+
+    base, adapter = ref.rsplit("+", 1)
+    if not is_adapter_dir(adapter):
+        raise ConfigError(f"{where}: {ref!r} names {adapter!r} as a LoRA adapter, but it has no adapter_config.json")
+    try:
+        recorded = adapter_base(adapter)
+    except AdapterError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+    def same(a: str, b: str) -> bool:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return (pa.exists() and pb.exists() and pa.resolve() == pb.resolve()) or a == b
+
+    if not same(base, recorded):
+        raise ConfigError(f"{where}: adapter {adapter} was trained on base {recorded}, not {base}")
+    return adapter
+
+
 def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     """Translate mergekit's YAML (linear, task_arithmetic) into a MergeSpec, with mergekit's defaults
     (linear normalises by default, task_arithmetic does not)."""
@@ -143,7 +174,8 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
     if method not in ("linear", "task_arithmetic"):
         raise ConfigError(f"merge_method {method!r} is not supported; rayalign reads mergekit's 'linear' and "
                           "'task_arithmetic' (use rayalign's own spec for expo and bone_soup)")
-    known = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+    known = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+             "output"}  # output: rayalign's extension (full, as mergekit writes, or adapter)
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unsupported mergekit keys: {unknown}; supported: {sorted(known)}")
@@ -153,6 +185,8 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
         raise ConfigError(f"unsupported mergekit parameters: {[f'parameters.{k}' for k in bad]}; rayalign implements "
                           "parameters.normalize only")
     base = data.get("base_model")
+    if isinstance(base, str):
+        base = lora_ref(base, "base_model")
     names = [e.get("model") for e in data.get("models") or [] if isinstance(e, dict)]
     source = data.get("tokenizer_source")
     # Every input must have the same tokenizer (the engine checks it), so the output's tokenizer is the
@@ -169,7 +203,7 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise ConfigError(f"models[{i}]: unsupported keys {extra}")
-        if method == "task_arithmetic" and entry["model"] == base:
+        if method == "task_arithmetic" and lora_ref(entry["model"], f"models[{i}].model") == base:
             continue  # mergekit skips the base among the models
         p = entry.get("parameters") or {}
         bad = sorted(set(p) - {"weight"})
@@ -179,11 +213,12 @@ def from_mergekit(data: dict[str, Any]) -> MergeSpec:
         weight = p.get("weight")
         if isinstance(weight, list):
             raise ConfigError(f"models[{i}].parameters.weight: per-layer gradients are not supported")
-        models.append({"model": entry["model"], "weight": weight})
+        models.append({"model": lora_ref(entry["model"], f"models[{i}].model"), "weight": weight})
     out_dtype = data.get("out_dtype") or data.get("dtype")
     return MergeSpec.model_validate({
         "method": method, "models": models, "base_model": base,
         "normalize": params.get("normalize", method == "linear"), "dtype": out_dtype,
+        "output": data.get("output", "full"),
     })
 
 

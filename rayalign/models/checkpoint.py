@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rayalign.models import lora
 from rayalign.utils.io import atomic_dir
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -25,10 +26,23 @@ def is_local(path: str | Path) -> bool:
 
 
 def check_dir(path: str | Path) -> Path:
-    """A local HF model directory must exist and hold a config and weights."""
+    """A local HF model directory must exist and hold a config and weights; a PEFT adapter
+    directory must hold a valid adapter whose recorded base is such a directory (or a hub id)."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(f"model directory not found: {p}")
+    if lora.is_adapter_dir(p):
+        try:
+            lora.check_adapter_file(p)
+            base = lora.adapter_base(p)
+        except lora.AdapterError as exc:
+            raise CheckpointError(str(exc)) from None
+        if is_local(base):
+            try:
+                check_dir(base)
+            except CheckpointError as exc:
+                raise CheckpointError(f"adapter {p}: its base: {exc}") from None
+        return p
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json (not a Hugging Face model directory)")
     try:
@@ -41,6 +55,8 @@ def check_dir(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Any:
+    if lora.is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        path = lora.adapter_base(path)  # an adapter saved without its tokenizer uses its base's
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
@@ -61,6 +77,11 @@ def _check_vocab(path: str | Path, model: Any, tok: Any) -> None:
 def _load(cls: Any, path: str | Path, dtype: torch.dtype, **kw: Any) -> Any:
     if is_local(path):
         check_dir(path)
+        if lora.is_adapter_dir(path):  # a PEFT adapter: its base with B A folded in
+            try:
+                return lora.load_adapter_merged(cls, path, dtype, **kw)
+            except lora.AdapterError as exc:
+                raise CheckpointError(str(exc)) from None
     try:
         return cls.from_pretrained(str(path), dtype=dtype, **kw)
     except Exception as exc:
@@ -79,6 +100,9 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, with_to
 def load_reward_model(path: str | Path, num_labels: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """A sequence-classification model: a scalar (or vector) head on the last non-pad token.
     From a causal LM directory pass num_labels to start a new head."""
+    if num_labels is None and lora.is_adapter_dir(path):  # the head's size, from the adapter's copy of it
+        heads = [i.shape[0] for n, i in lora.check_adapter_file(path).items() if n.endswith("score.weight")]
+        num_labels = heads[0] if heads else None
     kw: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
     tok = load_tokenizer(path)
     model = _load(AutoModelForSequenceClassification, path, dtype, **kw)

@@ -141,16 +141,19 @@ class Roles:
 
     def __init__(self, cfg: RLConfig, plan: PlacementPlan):
         r = cfg.rollout
-        self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic or cfg.policy, r.temperature, cfg.seed)
+        self.own_reference = cfg.reference_in_learner
+        self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic or cfg.policy, r.temperature, cfg.seed,
+                                     own_reference=self.own_reference)
         self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
-                                  learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed)
+                                  learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=cfg.learner.actor.lora)
         scorers = [RewardActor.options(**plan.options("reward", i), max_restarts=cfg.reward.max_restarts)
                    .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights, max_len=cfg.reward.max_len,
                            dtype=cfg.reward.dtype)
                    for i in range(cfg.reward.workers)]
-        refs = [ReferenceActor.options(**plan.options("reference", i), max_restarts=cfg.reference.max_restarts)
-                .remote(cfg.reference.models, cfg.reference.weights, r.temperature, cfg.reference.dtype)
-                for i in range(cfg.reference.workers)]
+        refs = [] if self.own_reference else [
+            ReferenceActor.options(**plan.options("reference", i), max_restarts=cfg.reference.max_restarts)
+            .remote(cfg.reference.models, cfg.reference.weights, r.temperature, cfg.reference.dtype)
+            for i in range(cfg.reference.workers)]
         self.rollout = self.fleet.pool
         self.reward = ActorPool("reward", scorers)
         self.reference = ActorPool("reference", refs)
@@ -268,10 +271,14 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             with timed(times, "score"):
                 scored = torch.tensor(roles.reward.map("score_items", list(zip(sample_prompts, responses))),
                                       dtype=torch.float32)
-            with timed(times, "reference"):
-                ref_logp = roles.reference.map_tensors("logprobs", {k: batch[k] for k in ("input_ids", "attention_mask")})
+            if not roles.own_reference:
+                with timed(times, "reference"):
+                    ref_logp = roles.reference.map_tensors("logprobs",
+                                                           {k: batch[k] for k in ("input_ids", "attention_mask")})
             with timed(times, "forward"):
                 old = roles.learners.forward(batch)
+            if roles.own_reference:  # the LoRA policy's base, from the learner's forward with the adapter off
+                ref_logp = old["ref_logp"]
 
             # rewards and advantages (SPEC section 1)
             finished = torch.tensor([float(r["finished"]) for r in rollouts])

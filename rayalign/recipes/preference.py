@@ -133,7 +133,7 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
                                 cfg.reference.weights, cfg.seed)
         if online:
             fleet = RolloutFleet(plan, cfg.rollout, cfg.sync, cfg.policy, group,
-                                 learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed)
+                                 learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=lc.lora)
         start, samples = 0, None
         saved = read_controller(out) if resume else None
         if saved is not None:

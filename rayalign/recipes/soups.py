@@ -90,6 +90,15 @@ def training_runs(cfg: SoupsConfig) -> dict[str, list[str]]:
     return runs
 
 
+def lora_overrides(cfg: SoupsConfig) -> list[str]:
+    """The soups' `lora` block as overrides of every PPO run's actor (experts become adapters)."""
+    if not cfg.lora.enabled:
+        return []
+    lo = cfg.lora
+    return [f"learner.actor.lora.r={lo.r}", f"learner.actor.lora.alpha={lo.alpha}",
+            f"learner.actor.lora.dropout={lo.dropout}", f"learner.actor.lora.target_modules=[{','.join(lo.target_modules)}]"]
+
+
 def train(cfg: SoupsConfig, out: Path, resume: bool) -> dict[str, Path]:
     """All PPO runs, one after another on one Ray; a finished run is kept when resuming."""
     policies: dict[str, Path] = {}
@@ -98,7 +107,7 @@ def train(cfg: SoupsConfig, out: Path, resume: bool) -> dict[str, Path]:
         for name, overrides in training_runs(cfg).items():
             rl = load_config(RLConfig, cfg.rl_config, [f"policy={cfg.policy}", f"output={out / 'runs' / name}",
                                                        f"seed={cfg.seed}", f"world.seed={cfg.world.seed}",
-                                                       *overrides, *cfg.rl])
+                                                       *overrides, *lora_overrides(cfg), *cfg.rl])
             log.info("soups: PPO run %s (%s)", name, " ".join(overrides))
             policies[name] = run_rl(rl, "ppo", resume=resume)
     finally:

@@ -22,7 +22,7 @@ from rayalign.config.schema import DataConfig, PretrainConfig, RMConfig, SFTConf
 from rayalign.data.loaders import load_rows
 from rayalign.data.tokenize import collate_lm, collate_pairs, encode_pair, encode_sft, render
 from rayalign.learner.dist import barrier, is_rank0
-from rayalign.learner.engine import Learner
+from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_objective
 from rayalign.losses.sft import causal_lm_loss
 from rayalign.models.checkpoint import check_dir, is_local, load_causal_lm, load_reward_model, load_tokenizer
@@ -102,6 +102,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
         examples = [encode_sft(tok, r["messages"], cfg.data.max_seq_len) for r in rows]
         examples = [e for e in examples if any(lbl != -100 for lbl in e["labels"])]
         _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
+        model = wrap_lora(model, cfg.learner, cfg.base)
         learner = Learner(model, cfg.learner.model_copy(update={"seed": s}), total)
         logger = RunLogger(out / "logs" / f"sft-{s}", "sft/", enabled=is_rank0())
         m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs, s,
@@ -219,6 +220,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     train = encode_pairs(tok, train_rows, cfg.data.max_seq_len)
     held = encode_pairs(tok, eval_rows, cfg.data.max_seq_len)
     _, total = plan_steps(len(train), cfg.learner, cfg.epochs, _world_size())
+    model = wrap_lora(model, cfg.learner, cfg.base, heads=["score"])  # LoRA + a fully trained head
     learner = Learner(model, cfg.learner, total)
     logger = RunLogger(out / "logs", "rm/", enabled=is_rank0())
     _write_config(out, cfg)

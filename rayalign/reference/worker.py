@@ -12,7 +12,7 @@ import torch
 
 from rayalign.losses.logprobs import token_logprobs
 from rayalign.merge.engine import merge_into
-from rayalign.merge.io import Checkpoint
+from rayalign.merge.lora import open_checkpoint
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.utils.device import place, to_device
 
@@ -27,7 +27,7 @@ class ReferenceWorker:
             raise ValueError(f"{len(w)} soup weights for {len(models)} reference models")
         self.model, _ = load_causal_lm(models[0], with_tokenizer=False)
         if len(models) > 1 or w[0] != 1.0:
-            merge_into(self.model, [Checkpoint(m) for m in models], w)  # in float32, on the CPU
+            merge_into(self.model, [open_checkpoint(m) for m in models], w)  # in float32, on the CPU
         self.model = place(self.model, dtype).eval()  # then onto this actor's GPU, if it has one
         self.temperature = temperature
         self.description = {"models": list(models), "weights": list(w)}

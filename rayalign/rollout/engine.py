@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from rayalign.config.core import Strict
+from rayalign.config.schema import LoraConfig, check_vllm_lora
 from rayalign.data.tokenize import pad
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.utils.device import accelerator
@@ -91,12 +92,19 @@ def _top(lp: torch.Tensor, ids: list[int], k: int) -> list[dict[int, float]]:
 
 
 class HFEngine:
-    """transformers `generate`: the fallback that needs nothing but torch."""
+    """transformers `generate`: the fallback that needs nothing but torch. With `lora` the model
+    carries a PEFT adapter and `load_weights` takes adapter tensors (PEFT file names)."""
 
     name = "hf"
 
-    def __init__(self, model_path: str, sampling: SamplingConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str, sampling: SamplingConfig, dtype: torch.dtype = torch.float32,
+                 lora: LoraConfig | None = None):
         self.model, self.tok = load_causal_lm(model_path, dtype=dtype)
+        self.lora = lora
+        if lora is not None:
+            from rayalign.models.lora import apply_lora
+
+            self.model = apply_lora(self.model, lora)
         self.model = self.model.to(accelerator()).eval()
         self.sampling = sampling
         self._calls = 0
@@ -110,23 +118,34 @@ class HFEngine:
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        params = dict(self.model.named_parameters())
+        if self.lora is not None:
+            from rayalign.models.lora import file_name
+
+            params = {file_name(n): p for n, p in self.model.named_parameters() if ".lora_" in n}
+            what = "adapter"
+        else:
+            params = dict(self.model.named_parameters())
+            what = "model"
         n = 0
         for name, t in named_tensors:
             if name not in params:
-                raise KeyError(f"rollout model has no parameter {name}")
+                raise KeyError(f"rollout {what} has no parameter {name}")
             params[name].copy_(t.to(params[name].dtype))
             n += 1
         return n
 
 
 class VLLMEngine:
-    """vLLM's offline engine, in-process (one engine per rollout actor)."""
+    """vLLM's offline engine, in-process (one engine per rollout actor). With `lora`, vLLM runs
+    with LoRA enabled and `load_weights` takes adapter tensors only: they are written as a PEFT
+    adapter directory on local disk (tmpfs where there is one), registered under a new adapter
+    id, and every later generation uses it."""
 
     name = "vllm"
 
     def __init__(self, model_path: str, sampling: SamplingConfig, dtype: str | None = None,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.5):
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.5,
+                 lora: LoraConfig | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -135,8 +154,15 @@ class VLLMEngine:
         # On CPU vLLM would pick bf16 for a float32 checkpoint; the learner computes in float32,
         # and rollouts must come from the same policy it trains.
         dtype = dtype or ("auto" if torch.cuda.is_available() else "float32")
+        kw: dict[str, Any] = {}
+        self.lora = lora
+        if lora is not None:
+            kw = {"enable_lora": True, "max_loras": 1, "max_lora_rank": check_vllm_lora(lora, "lora")}
+        model_path = full_model_path(model_path)
         self.llm = LLM(model=str(model_path), dtype=dtype, enforce_eager=True, seed=sampling.seed,
-                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization)
+                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, **kw)
+        self._adapter: Any = None  # the installed LoRARequest
+        self._adapter_dir: str | None = None
         self.sampling = sampling
         self.eos = self.llm.get_tokenizer().eos_token_id
         self._calls = 0
@@ -150,7 +176,8 @@ class VLLMEngine:
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                                 seed=s.seed if s.temperature > 0 else None, stop=s.stop or None,
                                 logprobs=s.logprobs)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                 lora_request=self._adapter)
         rollouts = []
         for i, (p, o) in enumerate(zip(prompts, outs)):
             for c in o.outputs:
@@ -160,6 +187,8 @@ class VLLMEngine:
         return rollouts
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        if self.lora is not None:
+            return self._install_adapter(named_tensors)
         count = [0]
 
         def counted() -> Iterable[tuple[str, torch.Tensor]]:
@@ -171,6 +200,38 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return count[0]
 
+    def _install_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        from rayalign.models.lora import ADAPTER_WEIGHTS, peft_config
+
+        state = {n: t.detach().to("cpu").contiguous() for n, t in named_tensors}
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        new_dir = tempfile.mkdtemp(prefix="rayalign-adapter-", dir=root)
+        assert self.lora is not None
+        peft_config(self.lora).save_pretrained(new_dir)
+        save_file(state, os.path.join(new_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        new_id = 1 if self._adapter is None else self._adapter.lora_int_id + 1
+        request = LoRARequest("policy", new_id, new_dir)
+        self.llm.llm_engine.add_lora(request)  # loaded now: a bad adapter fails the sync, not a generation
+        if self._adapter is not None:
+            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+        if self._adapter_dir:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+        self._adapter, self._adapter_dir = request, new_dir
+        self.llm.reset_prefix_cache()
+        return len(state)
+
+    def __del__(self) -> None:
+        if getattr(self, "_adapter_dir", None):
+            import shutil
+
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
 
 def vllm_available() -> bool:
     try:
@@ -180,11 +241,30 @@ def vllm_available() -> bool:
     return True
 
 
+def full_model_path(path: str) -> str:
+    """vLLM loads full HF directories: an adapter directory is merged once into a temporary one."""
+    from rayalign.models.lora import is_adapter_dir
+
+    if not is_adapter_dir(path):
+        return path
+    import atexit
+    import shutil
+    import tempfile
+
+    model, tok = load_causal_lm(path)
+    out = tempfile.mkdtemp(prefix="rayalign-merged-")
+    atexit.register(shutil.rmtree, out, True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def make_engine(kind: Literal["auto", "vllm", "hf"], model_path: str, sampling: SamplingConfig,
-                gpu_memory_utilization: float = 0.5) -> HFEngine | VLLMEngine:
-    """'auto' takes vLLM when it imports (vllm on GPU, vllm-cpu on CPU), else transformers."""
+                gpu_memory_utilization: float = 0.5, lora: LoraConfig | None = None) -> HFEngine | VLLMEngine:
+    """'auto' takes vLLM when it imports (vllm on GPU, vllm-cpu on CPU), else transformers. With
+    `lora` the engine takes adapter tensors as its weight updates."""
     if kind == "vllm" or (kind == "auto" and vllm_available()):
-        return VLLMEngine(model_path, sampling, gpu_memory_utilization=gpu_memory_utilization)
+        return VLLMEngine(model_path, sampling, gpu_memory_utilization=gpu_memory_utilization, lora=lora)
     if kind in ("hf", "auto"):
-        return HFEngine(model_path, sampling)
+        return HFEngine(model_path, sampling, lora=lora)
     raise ValueError(f"unknown rollout engine {kind!r}; use auto, vllm or hf")

@@ -14,7 +14,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from rayalign.config.schema import RolloutConfig, SyncConfig
+from rayalign.config.schema import LoraConfig, RolloutConfig, SyncConfig
 from rayalign.distributed.pool import ActorPool
 from rayalign.rollout.worker import RolloutActor
 from rayalign.sync.collective import CollectiveSync
@@ -24,11 +24,14 @@ from rayalign.utils.logging import log
 
 class RolloutFleet:
     def __init__(self, plan: Any, cfg: RolloutConfig, sync: SyncConfig, policy: str, learners: Any,
-                 learner_gpus: float = 0.0, seed: int = 0):
+                 learner_gpus: float = 0.0, seed: int = 0, lora: LoraConfig | None = None):
+        """`lora`: the policy is a LoRA adapter on `policy`; every sync sends the adapter only."""
         sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                     "n": cfg.n, "seed": seed}
         workers = [RolloutActor.options(**plan.options("rollout", i), max_restarts=cfg.max_restarts)
-                   .remote(cfg.engine, policy, sampling, cfg.gpu_memory_utilization) for i in range(cfg.workers)]
+                   .remote(cfg.engine, policy, sampling, cfg.gpu_memory_utilization,
+                           lora.model_dump() if lora is not None and lora.enabled else None)
+                   for i in range(cfg.workers)]
         bucket = int(sync.bucket_mb * 1024**2)
         if sync.kind == "collective":
             gpus = learner_gpus > 0 and cfg.resources.num_gpus > 0
