@@ -126,3 +126,28 @@ def test_expo_and_soups_commands_with_the_reward_model(quick_demo, tmp_path):
     bad = run_cli("soups", f"policy={d / 'sft/sft-0'}", f"output={tmp_path / 'z'}", "objectives=[informative]",
                   check=False)
     assert bad.returncode == 2 and "objectives" in bad.stderr and not (tmp_path / "z").exists()
+
+
+def test_expo_takes_a_lora_aligned_model_and_writes_one_adapter(pair, tmp_path):
+    """theta_1 a PEFT adapter on theta_0: the alpha search runs on base + B A, and the extrapolated
+    model is the adapter theta_0 + (1 + alpha) B A, written as one PEFT adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    theta0, _ = pair
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(theta0),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                     base_model_name_or_path=str(theta0)))
+    torch.manual_seed(2)
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    adapter = tmp_path / "aligned-lora"
+    peft.save_pretrained(adapter)
+    out = tmp_path / "expo"
+    result = run_expo(_cfg(theta0, adapter, out, "min_gain_se=0", "alphas=[0.5]"))
+    assert result["alpha"] in (0.0, 0.5)
+    assert (out / "model" / "adapter_config.json").is_file() and not (out / "model" / "model.safetensors").exists()
+    w0, w1, w2 = _weights(theta0), _weights(adapter), _weights(out / "model")
+    a = result["alpha"]
+    for name in w0:
+        assert torch.allclose(w2[name], w1[name] + a * (w1[name] - w0[name]), atol=1e-6), name

@@ -139,3 +139,31 @@ def test_lora_preference_runs_with_the_adapter_disabled_reference(method, quick_
         assert rows[0]["global_kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["global_kl"] > 0
         assert rows[-1]["sync/mb"] < 1.0
     assert (policy / "adapter_model.safetensors").is_file() and not (policy / "model.safetensors").exists()
+
+
+def test_bone_soups_of_lora_backbones(quick_demo, local_ray, tmp_path):
+    """`rayalign soups` with a lora block: the Bone Soup backbones are PPO-trained LoRA adapters on
+    SFT-0, the front over the preference grid merges them (negative lambda, k chosen on dev), and
+    the adapters combine into one exact adapter of twice the rank."""
+    from rayalign.config.core import load_config
+    from rayalign.config.schema import SoupsConfig
+    from rayalign.merge.coefficients import bone_soup_coefficients
+    from rayalign.merge.engine import merge_to_disk
+    from rayalign.merge.spec import MergeSpec
+    from rayalign.recipes.soups import run_soups
+
+    cfg = load_config(SoupsConfig, None, [
+        f"policy={quick_demo / 'sft' / 'sft-0'}", f"output={tmp_path / 'soups'}", "methods=[bone]", "lora.r=8",
+        "rl=[steps=2,prompts_per_step=16,rollout.n=1,rollout.max_new_tokens=16,learner.actor.lr=1e-3]",
+        "grid_points=3", "bone_k=[1.0,1.2]", "test.prompts.limit=4", "test.samples_per_prompt=1",
+        "test.max_new_tokens=16", "dev.prompts.limit=4", "dev.samples_per_prompt=1", "dev.max_new_tokens=16"])
+    result = run_soups(cfg)
+    backbones = [tmp_path / "soups" / "runs" / f"backbone-{j}" / "policy" for j in range(2)]
+    for b in backbones:
+        assert (b / "adapter_config.json").is_file() and not (b / "model.safetensors").exists()
+    assert result["methods"]["bone"]["hypervolume"] >= 0 and result["chosen"]["bone_k"] in (1.0, 1.2)
+    lam = bone_soup_coefficients([0.9, 0.1], 0.7)
+    assert min(lam) < 0
+    spec = MergeSpec(method="bone_soup", models=[{"model": str(b)} for b in backbones], mu=[0.9, 0.1], beta=0.7)
+    merge_to_disk(spec, tmp_path / "bone-adapter", progress=False)
+    assert json.loads((tmp_path / "bone-adapter" / "adapter_config.json").read_text())["r"] == 16

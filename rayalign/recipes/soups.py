@@ -218,7 +218,8 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
                                     "prompted-MORL")
 
     results = summarise(cfg, grid, ref, scores, sft_scores, test)
-    results.update(chosen=chosen, runs={n: str(p) for n, p in policies.items()}, training_runs=training_runs(cfg))
+    results.update(chosen=chosen, runs={n: str(p) for n, p in policies.items()}, training_runs=training_runs(cfg),
+                   lora=cfg.lora.model_dump() if cfg.lora.enabled else None)
     fronts = {LABELS[m]: np.asarray(results["methods"][m]["front"]) for m in scores}
     pareto_fronts(fronts, objs, out / "fronts.png", f"Gold fronts over {len(grid)} preference vectors (test prompts)",
                   points={"SFT": np.asarray(results["sft"])}, reference=ref)
