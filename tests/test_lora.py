@@ -151,7 +151,7 @@ def test_mergekit_yaml_with_base_plus_lora_models(experts, tmp_path):
 
 
 def test_bad_adapters_are_named_and_nothing_is_written(experts, tmp_path, quick_demo):
-    base, (a, a_full), (b, _) = experts
+    base, (a, _), (b, _) = experts
     out = tmp_path / "out"
 
     def refused(spec, match):
@@ -159,14 +159,14 @@ def test_bad_adapters_are_named_and_nothing_is_written(experts, tmp_path, quick_
             merge_to_disk(MergeSpec(**spec), out, progress=False)
         assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 
-    lin = lambda *ms: {"method": "linear", "models": [{"model": str(m), "weight": w} for m, w in ms]}  # noqa: E731
+    lin = lambda *ms: {"method": "linear", "models": [{"model": str(m), "weight": w} for m, w in ms]}
     # coefficients not summing to one: no exact adapter (a full output is fine)
     refused({**lin((a, 0.5), (b, 0.3)), "output": "adapter"}, "sum to 0.8")
     # an adapter made for another base: the recorded base, and the shapes
     other = tmp_path / "other"
     shutil.copytree(a, other)
     cfg = json.loads((other / "adapter_config.json").read_text())
-    json.dump({**cfg, "base_model_name_or_path": str(quick_demo / "presets" / "tiny")}, open(other / "adapter_config.json", "w"))
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(quick_demo / "presets" / "tiny")}))
     refused({**lin((other, 0.5), (b, 0.5)), "output": "adapter"}, "different bases")
     with pytest.raises(MergeInputError, match="trained on base"):
         load_adapter(other, base=str(base))
@@ -190,13 +190,13 @@ def test_bad_adapters_are_named_and_nothing_is_written(experts, tmp_path, quick_
 def test_an_adapter_for_a_differently_shaped_base_is_refused(quick_demo, tmp_path):
     """Same module names, other shapes (the small preset's adapter claimed for the tiny base)."""
     small = tmp_path / "small"
-    from rayalign.models.presets import build_preset
     from rayalign.models.checkpoint import load_tokenizer
+    from rayalign.models.presets import build_preset
 
     build_preset("small", small, load_tokenizer(quick_demo / "base" / "model"))
     ad, _ = _adapter(small, tmp_path / "ad", 0, ["q_proj"])
     cfg = json.loads((ad / "adapter_config.json").read_text())
-    json.dump({**cfg, "base_model_name_or_path": str(quick_demo / "base" / "model")}, open(ad / "adapter_config.json", "w"))
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(quick_demo / "base" / "model")}))
     with pytest.raises(MergeInputError, match="another base"):
         merge_to_disk(MergeSpec(method="expo", alpha=0.3, base_model=str(quick_demo / "base" / "model"),
                                 models=[{"model": str(ad)}]), tmp_path / "out", progress=False)
@@ -233,7 +233,7 @@ def test_sft_and_reward_model_train_lora_adapters(quick_demo, tmp_path):
         assert torch.allclose(got, AutoModelForCausalLM.from_pretrained(sft / "merged")(ids).logits, atol=1e-5)
         assert not torch.allclose(got, AutoModelForCausalLM.from_pretrained(base)(ids).logits, atol=1e-3)
     rm = run_rm(load_config(RMConfig, None, [f"base={base}", f"output={tmp_path / 'rm'}", "epochs=0.3",
-                                             "learner.lora.r=8", "objectives=each"]))
+                                             "learner.lora.r=8", "learner.lora.save_merged=true", "objectives=each"]))
     names = list(json.loads((rm / "adapter_model.safetensors").read_bytes()[8:8 + int.from_bytes(
         (rm / "adapter_model.safetensors").read_bytes()[:8], "little")]))
     assert "base_model.model.score.weight" in names and any("lora_A" in n for n in names)
@@ -241,10 +241,12 @@ def test_sft_and_reward_model_train_lora_adapters(quick_demo, tmp_path):
     model, _ = load_reward_model(rm)
     assert model.score.weight.shape[0] == 3
     # the loaded head is the trained one: scores equal the learner's held-out accuracy computation
-    from rayalign.recipes.supervised import encode_pairs, preference_rows, rm_accuracy
     from rayalign.config.schema import DataConfig, WorldConfig
     from rayalign.models.checkpoint import load_tokenizer
+    from rayalign.recipes.supervised import encode_pairs, preference_rows, rm_accuracy
 
     tok = load_tokenizer(rm)
     held = encode_pairs(tok, preference_rows(DataConfig(), WorldConfig(), "each", "test"), 96)
     assert rm_accuracy(model, held, tok.pad_token_id) == pytest.approx(acc)
+    merged, _ = load_reward_model(rm / "merged")
+    assert rm_accuracy(merged, held, tok.pad_token_id) == pytest.approx(acc)

@@ -50,6 +50,11 @@ def check_vllm_lora(lora: LoraConfig, where: str) -> int:
     return min(r for r in VLLM_LORA_RANKS if r >= lora.r)
 
 
+def reference_is_policy(policy: str, models: list[str], weights: list[float] | None) -> bool:
+    """pi_ref is the policy's own starting checkpoint, not a soup: a LoRA policy's base is pi_ref."""
+    return list(models) == [policy] and weights in (None, [1.0])
+
+
 class LearnerConfig(Strict):
     """The DeepSpeed learner (rayalign.learner.engine.Learner)."""
 
@@ -290,8 +295,8 @@ class RLConfig(Strict):
     def reference_in_learner(self) -> bool:
         """A LoRA policy whose pi_ref is its own start (plain PPO) computes pi_ref in the learner
         with the adapter disabled; a soup (SALSA) comes from the reference workers."""
-        return self.learner.actor.lora.enabled and self.reference.models in ([], [self.policy]) and \
-            self.reference.weights in (None, [1.0])
+        return self.learner.actor.lora.enabled and \
+            reference_is_policy(self.policy, self.reference.models or [self.policy], self.reference.weights)
 
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:

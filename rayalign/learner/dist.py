@@ -14,8 +14,8 @@ import torch
 if "DS_ACCELERATOR" not in os.environ:
     os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
 
-import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import deepspeed
+import torch.distributed as dist
 
 
 def free_port() -> int:

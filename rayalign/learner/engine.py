@@ -127,20 +127,12 @@ class Learner:
         return totals
 
     # ---- weights out ----------------------------------------------------------------------
-    def iter_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_full_params(self, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Full (un-partitioned) parameters one by one, on every rank; under ZeRO-3 each is
-        gathered just for its turn, so peak memory is one parameter, not the model."""
+        gathered just for its turn, so peak memory is one parameter, not the model.
+        `trainable_only`: just what trains (a LoRA learner's A, B and heads)."""
         for name, p in self.module.named_parameters():
-            if hasattr(p, "ds_id"):
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    yield name, p.detach().clone()
-            else:
-                yield name, p.detach()
-
-    def iter_trainable_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The trainable parameters only (a LoRA learner's A, B and heads), gathered one by one."""
-        for name, p in self.module.named_parameters():
-            if not p.requires_grad:
+            if trainable_only and not p.requires_grad:
                 continue
             if hasattr(p, "ds_id"):
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
@@ -150,7 +142,7 @@ class Learner:
 
     def iter_adapter_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         """A LoRA learner's adapter tensors under their PEFT file names (what vLLM and PEFT load)."""
-        for name, t in self.iter_trainable_params():
+        for name, t in self.iter_full_params(trainable_only=True):
             yield lora.file_name(name), t
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

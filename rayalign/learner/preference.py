@@ -23,7 +23,7 @@ from typing import Any
 import ray
 import torch
 
-from rayalign.config.schema import LearnerConfig, PrefAlgoConfig
+from rayalign.config.schema import LearnerConfig, PrefAlgoConfig, reference_is_policy
 from rayalign.learner.dist import init_process_group
 from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.learner.group import RankGroup, mean_metrics
@@ -39,11 +39,6 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).logits
 
 
-def own_reference(policy: str, reference: list[str], weights: list[float] | None) -> bool:
-    """pi_ref is the policy's own starting checkpoint (not a soup), so a LoRA policy's base is it."""
-    return list(reference) == [policy] and (weights is None or list(weights) == [1.0])
-
-
 class PreferenceRank(PolicyRank):
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str,
               reference: list[str], reference_weights: list[float] | None, actor_cfg: dict[str, Any],
@@ -56,7 +51,7 @@ class PreferenceRank(PolicyRank):
         self.tokenizer = load_tokenizer(policy)
         self.actor = Learner(wrap_lora(model, cfg, policy), cfg)
         self.learners = {"actor": self.actor}
-        if self.actor.is_lora and own_reference(policy, reference, reference_weights):
+        if self.actor.is_lora and reference_is_policy(policy, reference, reference_weights):
             self.reference = None  # pi_ref = the policy with its adapter disabled: no second copy
             self.reference_description = {"models": [policy], "weights": [1.0], "adapter_disabled": True}
         else:

@@ -24,12 +24,26 @@ import torch
 from tqdm.auto import tqdm
 
 from rayalign.merge import kernels
-from rayalign.merge.io import (INDEX, SINGLE, Checkpoint, MergeInputError, StreamingShardWriter, shard_plan,
-                               tensor_nbytes)
-from rayalign.merge.lora import Adapter, AdapterCheckpoint, check_on_base, combine, load_adapter, open_checkpoint, \
-    save_combined
+from rayalign.merge.io import (
+    INDEX,
+    SINGLE,
+    Checkpoint,
+    MergeInputError,
+    StreamingShardWriter,
+    shard_plan,
+    tensor_nbytes,
+)
+from rayalign.merge.lora import (
+    Adapter,
+    AdapterCheckpoint,
+    check_on_base,
+    combine,
+    load_adapter,
+    open_checkpoint,
+    save_combined,
+)
 from rayalign.merge.spec import OUT_DTYPES, Kernel, MergeSpec, resolve
-from rayalign.models.lora import is_adapter_dir
+from rayalign.models.lora import is_adapter_dir, same_path
 from rayalign.utils.io import OutputExistsError, atomic_dir
 
 # config fields that must agree for weights to be mergeable
@@ -249,14 +263,14 @@ def _adapter_terms(res: Any) -> tuple[list[Adapter], list[float]]:
             base_coef += c
     if not adapters:
         raise MergeInputError("an adapter output needs at least one adapter among the models")
-    bases = sorted({str(Path(a.base).expanduser().resolve()) if Path(a.base).expanduser().exists() else a.base
-                    for a in adapters})
-    if len(bases) > 1:
-        raise MergeInputError(f"adapters on different bases cannot be combined into one adapter: {bases} "
+    base = adapters[0].base
+    others = sorted({a.base for a in adapters if not same_path(a.base, base)})
+    if others:
+        raise MergeInputError(f"adapters on different bases cannot be combined into one adapter: {[base, *others]} "
                               "(use output: full)")
     for f in fulls:
-        if str(Path(f).expanduser().resolve()) != bases[0]:
-            raise MergeInputError(f"{f} is a full model, not the adapters' base {bases[0]}; an adapter output can "
+        if not same_path(f, base):
+            raise MergeInputError(f"{f} is a full model, not the adapters' base {base}; an adapter output can "
                                   "only mix adapters and their base (use output: full)")
     total = base_coef + sum(coefs)
     if abs(total - 1.0) > 1e-6:

@@ -36,7 +36,14 @@ from typing import Any
 import torch
 
 from rayalign.merge.io import Checkpoint, MergeInputError, TensorInfo
-from rayalign.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, adapter_base, read_adapter_config
+from rayalign.models.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterError,
+    adapter_base,
+    read_adapter_config,
+    same_path,
+)
 
 PREFIX = "base_model.model."
 
@@ -67,11 +74,6 @@ class Adapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.modules.values())
 
 
-def _resolve(p: str | Path) -> str:
-    q = Path(p).expanduser()
-    return str(q.resolve()) if q.exists() else str(p)
-
-
 def load_adapter(path: str | Path, base: str | None = None) -> Adapter:
     """Read and check a PEFT LoRA directory. `base` overrides a recorded base that no longer exists
     (a moved directory); a recorded base that exists and differs from `base` is refused."""
@@ -89,7 +91,7 @@ def load_adapter(path: str | Path, base: str | None = None) -> Adapter:
         raise MergeInputError(f"adapter {p}: {unsupported} are not supported in merges (plain LoRA only: "
                               "rank, alpha, target modules)")
     chosen = recorded
-    if base is not None and _resolve(base) != _resolve(recorded):
+    if base is not None and not same_path(base, recorded):
         if Path(recorded).expanduser().exists():
             raise MergeInputError(f"adapter {p} was trained on base {recorded}, but the merge's base is {base}")
         chosen = base
@@ -138,9 +140,10 @@ def combine(adapters: Sequence[Adapter], coefficients: Sequence[float]) -> Adapt
     per module, padded with zero rows/columns to one rank over the union of modules."""
     if len(adapters) != len(coefficients) or not adapters:
         raise ValueError(f"{len(adapters)} adapters for {len(coefficients)} coefficients")
-    bases = {_resolve(a.base) for a in adapters}
-    if len(bases) > 1:
-        raise MergeInputError(f"adapters on different bases cannot be combined into one adapter: {sorted(bases)}")
+    first = adapters[0].base
+    others = sorted({a.base for a in adapters if not same_path(a.base, first)})
+    if others:
+        raise MergeInputError(f"adapters on different bases cannot be combined into one adapter: {[first, *others]}")
     modules = sorted({m for a in adapters for m in a.modules})
     blocks: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for m in modules:
@@ -172,7 +175,6 @@ def save_combined(adapter: Adapter, out: Path, tokenizer_from: str | Path | None
     """Write `adapter` as a PEFT directory into `out` (an existing temporary directory the caller
     renames into place); returns the bytes of adapter_model.safetensors."""
     from peft import LoraConfig
-
     from safetensors.torch import save_file
 
     from rayalign.merge.engine import TOKENIZER_FILES

@@ -148,7 +148,7 @@ def lora_ref(ref: Any, where: str) -> Any:
     checking that LORA records BASE as its base; anything else is returned unchanged."""
     if not isinstance(ref, str) or "+" not in ref or Path(ref).exists():
         return ref
-    from rayalign.models.lora import AdapterError, adapter_base, is_adapter_dir
+    from rayalign.models.lora import AdapterError, adapter_base, is_adapter_dir, same_path
 
     base, adapter = ref.rsplit("+", 1)
     if not is_adapter_dir(adapter):
@@ -157,12 +157,7 @@ def lora_ref(ref: Any, where: str) -> Any:
         recorded = adapter_base(adapter)
     except AdapterError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
-    def same(a: str, b: str) -> bool:
-        pa, pb = Path(a).expanduser(), Path(b).expanduser()
-        return (pa.exists() and pb.exists() and pa.resolve() == pb.resolve()) or a == b
-
-    if not same(base, recorded):
+    if not same_path(base, recorded):
         raise ConfigError(f"{where}: adapter {adapter} was trained on base {recorded}, not {base}")
     return adapter
 

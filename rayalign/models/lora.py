@@ -61,17 +61,24 @@ def adapter_base(path: str | Path) -> str:
     return str(base)
 
 
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Two references to one model: the same directory (resolved), or the same hub id."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a) == str(b)
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """The distinct name suffixes of the model's linear layers (what target_modules can name)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def check_targets(model: torch.nn.Module, targets: Iterable[str], where: str = "lora.target_modules") -> None:
-    have = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = sorted(set(targets) - have)
+    have = linear_module_names(model)
+    missing = sorted(set(targets) - set(have))
     if missing:
-        raise AdapterError(f"{where}: {type(model).__name__} has no linear module named {missing}; "
-                           f"it has {sorted(have)}")
+        raise AdapterError(f"{where}: {type(model).__name__} has no linear module named {missing}; it has {have}")
 
 
 def peft_config(cfg: LoraConfig, modules_to_save: list[str] | None = None, base: str | None = None) -> Any:
@@ -140,8 +147,9 @@ def save_adapter(model: Any, tok: Any, out: str | Path, state: Mapping[str, torc
         if extra:
             (tmp / "rayalign.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
         if merged:
-            base_cls = type(model.get_base_model())
-            full = load_adapter_merged(base_cls, tmp, dtype=torch.float32)
+            inner = model.get_base_model()
+            kw = {} if type(inner).__name__.endswith("ForCausalLM") else {"num_labels": inner.config.num_labels}
+            full = load_adapter_merged(type(inner), tmp, dtype=torch.float32, **kw)
             full.save_pretrained(tmp / "merged", safe_serialization=True)
             if tok is not None:
                 tok.save_pretrained(tmp / "merged")
