@@ -134,6 +134,20 @@ def test_bone_soup_expo_and_task_arithmetic_of_adapters_are_exact(experts, tmp_p
     assert min(meta["adapter_coefficients"]) < 0  # Bone Soup's lambda has a negative entry here
 
 
+def test_in_memory_peft_models_combine_like_their_directories(experts):
+    """adapter_from_peft reads a live PeftModel; its combination equals the one read from disk."""
+    from rayalign.merge.lora import adapter_from_peft
+
+    base, (a, _), (b, _) = experts
+    live = [adapter_from_peft(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(p)))
+            for p in (a, b)]
+    disk = [load_adapter(a), load_adapter(b)]
+    x, y = combine(live, [1.4, -0.4]), combine(disk, [1.4, -0.4])
+    assert x.modules.keys() == y.modules.keys()
+    for m in x.modules:
+        assert torch.allclose(x.delta(m), y.delta(m), atol=1e-12), m
+
+
 def test_mergekit_yaml_with_base_plus_lora_models(experts, tmp_path):
     """mergekit's `BASE+LORA` model references; mergekit writes a full model, `output: adapter` an adapter."""
     base, (a, a_full), (b, b_full) = experts

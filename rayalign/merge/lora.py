@@ -18,6 +18,7 @@ they fold into the c_i above. Modules some adapters do not target get zero block
 is exact over the union of target modules.
 
     adapters = [load_adapter(p) for p in paths]
+    adapters = [adapter_from_peft(peft_model), ...]   # or from PeftModels in memory
     combined = combine(adapters, [0.7, 0.3])          # Adapter, rank 2r
     save_combined(combined, "out/", tokenizer_from=paths[0])
     AdapterCheckpoint(path)                           # an adapter read as base + B A, tensor by tensor
@@ -120,6 +121,23 @@ def load_adapter(path: str | Path, base: str | None = None) -> Adapter:
     if not modules:
         raise MergeInputError(f"adapter {p} holds no LoRA tensors")
     return Adapter(chosen, modules, str(p), cfg)
+
+
+def adapter_from_peft(model: Any, base: str | None = None, adapter_name: str = "default") -> Adapter:
+    """The adapter of an in-memory PeftModel (e.g. a learner's or a Serve replica's), as an Adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    modules = {}
+    inner = model.get_base_model()
+    for name, mod in inner.named_modules():
+        if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A:
+            a = mod.lora_A[adapter_name].weight.detach().float().cpu()
+            b = mod.lora_B[adapter_name].weight.detach().float().cpu()
+            modules[name] = (a, b, float(mod.scaling[adapter_name]))
+    if not modules:
+        raise MergeInputError(f"the model has no LoRA adapter named {adapter_name!r}")
+    cfg = model.peft_config[adapter_name]
+    return Adapter(base or cfg.base_model_name_or_path or "<memory>", modules, "<memory>", cfg.to_dict())
 
 
 def check_on_base(adapter: Adapter, base: Checkpoint) -> None:
