@@ -43,9 +43,14 @@ def init_process_group(backend: str = "auto", rank: int | None = None, world_siz
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ["MASTER_ADDR"] = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    own_port = not (master_port or os.environ.get("MASTER_PORT"))
     os.environ["MASTER_PORT"] = str(master_port or os.environ.get("MASTER_PORT") or free_port())
     deepspeed.init_distributed(dist_backend=resolve_backend(backend), auto_mpi_discovery=False,
                                rank=rank, world_size=world_size)
+    if own_port:
+        # The port is this process's store now: a child process (a CLI run started from here) must
+        # not inherit it as its own rendezvous, or it fails with EADDRINUSE.
+        del os.environ["MASTER_PORT"]
 
 
 def is_rank0() -> bool:
