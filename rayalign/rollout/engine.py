@@ -216,7 +216,7 @@ class VLLMEngine:
         peft_config(self.lora).save_pretrained(new_dir)
         save_file(state, os.path.join(new_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         new_id = 1 if self._adapter is None else self._adapter.lora_int_id + 1
-        request = LoRARequest("policy", new_id, new_dir)
+        request = LoRARequest(f"policy-{new_id}", new_id, new_dir)  # vLLM tells adapters apart by name
         self.llm.llm_engine.add_lora(request)  # loaded now: a bad adapter fails the sync, not a generation
         if self._adapter is not None:
             self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
