@@ -20,14 +20,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LORA = [("lora-0", 4, ["q_proj", "v_proj"]), ("lora-1", 8, None), ("lora-2", 4, ["o_proj", "down_proj"])]
+
+
+def lora_experts(demo) -> list[str]:
+    """Three LoRA adapters on SFT-0 (ranks 4, 8, 4 over different modules; random B, see
+    init_adapter), written into the quick demo's store once."""
+    from rayalign.config.schema import LoraConfig
+    from rayalign.models.lora import init_adapter
+
+    out = []
+    for i, (name, r, targets) in enumerate(LORA):
+        path = demo / "serve-lora" / name
+        if not (path / "adapter_config.json").is_file():
+            cfg = LoraConfig(r=r, alpha=2 * r, **({"target_modules": targets} if targets else {}))
+            init_adapter(demo / "sft" / "sft-0", path, cfg, seed=i, std=0.2)
+        out.append(f"serve-lora/{name}")
+    return out
+
+
 def serve_config(demo, port: int, **kw) -> ServeConfig:
     runs = "soups/runs"
+    lora = lora_experts(demo)
     return ServeConfig.model_validate({
         # max_prompt_tokens above the tiny models' 256 positions: the context is checked too
-        "model_store": str(demo), "port": port, "max_tokens_limit": 32, "max_prompt_tokens": 300,
+        "model_store": str(demo), "port": port, "max_tokens_limit": 128, "max_prompt_tokens": 300,
         "body_timeout_s": 3, "health_check_period_s": 2,
-        "cache_bytes": 3 * 800_000,  # three merged tiny models
+        "cache_bytes": 3 * 800_000,  # three merged tiny models, or a few dozen combined adapters
         "families": [
+            {"name": "lora-soup", "models": lora, "objectives": ["informative", "concise", "polite"]},
+            {"name": "lora-bone", "kind": "bone_soup", "beta": 0.7, "k": 1.2, "base_model": "sft/sft-0",
+             "models": lora[:2], "objectives": ["informative", "concise"]},
             {"name": "demo-soup", "models": [f"{runs}/expert-informative/policy", f"{runs}/expert-concise/policy"],
              "objectives": ["informative", "concise"], "soups": {"terse": [0.2, 0.8]}},
             {"name": "demo-bone", "kind": "bone_soup", "beta": 0.7, "k": 1.2, "base_model": "sft/sft-0",
@@ -59,7 +82,7 @@ def client(server):
 
 def test_models_chat_and_completions(client, server):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["demo-soup", "demo-soup/terse", "demo-bone"]
+    assert ids == ["lora-soup", "lora-bone", "demo-soup", "demo-soup/terse", "demo-bone"]
     r = client.chat.completions.create(model="demo-soup", messages=[{"role": "user", "content": "describe the pig ."}],
                                        max_tokens=16, extra_body={"preference": [0.7, 0.3]}, seed=1)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
@@ -119,8 +142,8 @@ def test_the_served_merge_is_the_merge_engines(server, quick_demo):
     ({"model": "demo-soup", "messages": [{"role": "user", "content": "x"}], "preference": [-1.0, 2.0]}, 400,
      "no negative"),
     ({"model": "demo-soup", "messages": [{"role": "user", "content": "x"}], "preference": [0, 0]}, 400, "all be zero"),
-    ({"model": "demo-soup", "messages": [{"role": "user", "content": "x"}], "max_tokens": 33}, 400,
-     "above this server's limit 32"),
+    ({"model": "demo-soup", "messages": [{"role": "user", "content": "x"}], "max_tokens": 129}, 400,
+     "above this server's limit 128"),
     ({"model": "demo-soup", "messages": [{"role": "user", "content": "the pig " * 160}]}, 400, "more than this server"),
     ({"model": "demo-soup", "messages": [{"role": "user", "content": "the pig " * 120}], "max_tokens": 16}, 400,
      "this model's context is 256 tokens"),
@@ -340,6 +363,154 @@ def test_load_mixed_preferences_16_concurrent_no_5xx(server):
     assert codes.count(200) == len(bodies), {c: codes.count(c) for c in set(codes)}
 
 
+def _replica_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("ModelServer", app_name="rayalign").stats.remote().result()
+
+
+def test_lora_mixtures_batch_together_and_equal_the_merged_full_model(server, quick_demo, tmp_path):
+    """Concurrent greedy requests for five preferences of two LoRA families (linear over three
+    adapters of ranks 4/8/4 on different modules; Bone Soup with k = 1.2 against SFT-0, so negative
+    coefficients) run as combined adapters in one batch, with no weight swap, and each answer is,
+    token for token, what transformers generates from the merge engine's full merged model."""
+    from rayalign.data.tokenize import encode_untrusted_prompt
+    from rayalign.merge.engine import merge_to_disk
+    from rayalign.merge.spec import MergeSpec
+    from rayalign.models.checkpoint import load_causal_lm
+    from rayalign.serve.families import Family
+    from tests.conftest import hf_greedy
+
+    url, cfg = server
+    families = {f.name: Family(f, cfg.model_store, cfg.preference_grid) for f in cfg.families}
+    msgs = [{"role": "user", "content": "where does the fox live ?"}]
+    asks = [("lora-soup", [0.2, 0.3, 0.5]), ("lora-soup", [1, 0, 0]), ("lora-soup", [0.05, 0.9, 0.05]),
+            ("lora-bone", [0.25, 0.75]), ("lora-bone", [0.9, 0.1])]
+    r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-test"}, timeout=60,
+                   json={"model": "lora-soup", "messages": msgs, "max_tokens": 2})
+    assert r.status_code == 200  # the base weights are loaded again if a full-weight family had swapped them out
+    before = _replica_stats()
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": "Bearer sk-test"}) as http:
+            return await asyncio.gather(*(http.post(url + "/v1/chat/completions", json={
+                "model": m, "messages": msgs, "max_tokens": 24, "temperature": 0, "preference": p}) for m, p in asks))
+
+    answers = [r.json() for r in asyncio.run(run())]
+    after = _replica_stats()
+    assert after["kinds"]["lora-soup"] == after["kinds"]["lora-bone"] == "adapter"
+    assert all(a["rayalign"]["kind"] == "adapter" for a in answers), answers
+    assert after["swaps"] == before["swaps"] and after["loaded"] == "@base"  # no weight swap for any of them
+    tok = load_causal_lm(quick_demo / "sft" / "sft-0")[1]
+    prompt = encode_untrusted_prompt(tok, msgs)
+    for (model, pref), answer in zip(asks, answers):
+        key, coefs = families[model].resolve(preference=pref)
+        assert answer["rayalign"]["merge_key"] == key
+        if model == "lora-bone":
+            assert min(coefs) < 0  # Bone Soup's B^-1 mu, extrapolated against SFT-0
+        out = tmp_path / key.replace("@", "_").replace(":", "_")
+        spec = MergeSpec(method="linear", output="full",
+                         models=[{"model": str(p), "weight": c} for p, c in zip(families[model].sources(), coefs)])
+        merge_to_disk(spec, out, progress=False)
+        full, _ = load_causal_lm(out)
+        ids = hf_greedy(full, tok, [prompt], max_new_tokens=24)[0]
+        assert answer["usage"]["completion_tokens"] == len(ids), (key, answer)
+        expect = render_choice_text(tok, ids)
+        assert answer["choices"][0]["message"]["content"] == expect, (key, answer, expect)
+
+
+def render_choice_text(tok, ids):
+    from rayalign.serve.text import render_choice
+
+    return render_choice(tok, ids, finished=bool(ids) and ids[-1] == tok.eos_token_id).text
+
+
+def test_64_concurrent_streams_over_50_preferences_stream_early_with_no_5xx(server):
+    """64 streaming chat requests at once, each for a different preference vector of the LoRA family
+    (plus some for full-weight families): all 200 with a complete stream, tokens arriving before the
+    answer is whole."""
+    import time
+
+    url = server[0] + "/v1/chat/completions"
+    rng = np.random.default_rng(1)
+    prefs = set()
+    while len(prefs) < 56:
+        prefs.add(tuple((rng.dirichlet([1, 1, 1]) * 20).round().astype(int).tolist()))
+    prefs = [list(p) for p in prefs if sum(p) > 0][:56]
+    bodies = [{"model": "lora-soup", "preference": p} for p in prefs]
+    bodies += [{"model": "demo-soup", "preference": [0.5, 0.5]}] * 4 + [{"model": "demo-bone"}] * 4
+    for b in bodies:
+        b.update(messages=[{"role": "user", "content": "tell me about the pig ."}], max_tokens=48, stream=True,
+                 stream_options={"include_usage": True})
+
+    async def one(http, body):
+        t0 = time.perf_counter()
+        first, events = None, []
+        async with http.stream("POST", url, json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    if first is None and '"content": "' in line and '"content": ""' not in line:
+                        first = time.perf_counter() - t0
+                    events.append(line[6:])
+        return first, time.perf_counter() - t0, events
+
+    async def run():
+        async with httpx.AsyncClient(timeout=300, headers={"Authorization": "Bearer sk-test"}) as http:
+            return await asyncio.gather(*(one(http, b) for b in bodies))
+
+    t0 = time.perf_counter()
+    results = asyncio.run(run())
+    wall = time.perf_counter() - t0
+    assert wall < 240  # bounded: nothing hangs
+    keys = set()
+    for first, total, events in results:
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] >= 1
+        assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+    assert len({tuple(b.get("preference") or []) for b in bodies}) >= 50
+    streamed = [f / t for f, t, _ in results if f is not None]
+    assert len(streamed) > len(results) / 2 and float(np.median(streamed)) < 0.9, streamed  # text came early
+    stats = _replica_stats()
+    assert stats["unfinished"] == 0 and stats["cache"]["entries"] >= 1
+    del keys
+
+
+def test_a_client_that_disconnects_mid_stream_aborts_its_generation(server):
+    """Streams closed after their first token are aborted in vLLM (the replica counts them), leave
+    nothing running, and the next request is served normally."""
+    import time
+
+    url = server[0] + "/v1/chat/completions"
+    body = {"model": "lora-soup", "preference": [0.3, 0.3, 0.4], "max_tokens": 128, "n": 4, "stream": True,
+            "messages": [{"role": "user", "content": "tell me about the pig ."}]}
+    before = _replica_stats()["aborted"]
+
+    async def drop(http):
+        async with http.stream("POST", url, json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # the client goes away mid-stream
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": "Bearer sk-test"}) as http:
+            await asyncio.gather(*(drop(http) for _ in range(4)))
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 30
+    while True:
+        stats = _replica_stats()
+        if stats["unfinished"] == 0 and stats["aborted"] > before:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+    r = httpx.post(url, json={**body, "stream": False, "max_tokens": 8, "n": 1},
+                   headers={"Authorization": "Bearer sk-test"}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
 def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
     """`rayalign serve` answers on loopback and stops on Ctrl-C; Serve's own config file parses
     with Serve's schema and its application builder builds from a rayalign serve YAML."""
@@ -378,7 +549,7 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
                 time.sleep(1)
         assert ok, "rayalign serve did not become ready"
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
-        assert [m["id"] for m in models["data"]][:2] == ["demo-soup", "demo-soup/terse"]
+        assert [m["id"] for m in models["data"]][2:4] == ["demo-soup", "demo-soup/terse"]
     finally:
         stop_process_group(proc, signal.SIGINT, timeout=60)
 
@@ -396,8 +567,10 @@ def test_serve_refuses_a_bad_store_path_before_deploying(quick_demo, tmp_path):
 
     base = serve_config(quick_demo, _free_port()).model_dump()
 
+    soup = next(f for f in base["families"] if f["name"] == "demo-soup")
+
     def with_model(bad: str) -> dict:
-        return {**base, "families": [{**base["families"][0], "models": [bad, base["families"][0]["models"][1]]}]}
+        return {**base, "families": [{**soup, "models": [bad, soup["models"][1]]}]}
 
     link = quick_demo / "link-out"
     link.unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """Serving's pure parts: the byte-bounded LRU of merged weights and the mapping from a request's
 preference vector (or named soup) to merge coefficients, with its errors."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -176,3 +178,96 @@ def test_streamed_completion_logprobs_count_offsets_from_the_start(tokenizer_and
     events = [json.loads(e[6:]) for e in oa.completion_chunks("m", [c]) if e.startswith("data: {")]
     offsets = [o for e in events if e["choices"][0]["logprobs"] for o in e["choices"][0]["logprobs"]["text_offset"]]
     assert offsets == completion_logprobs(c)["text_offset"] and offsets[0] == 0 and offsets == sorted(set(offsets))
+
+
+def test_streaming_a_choice_token_by_token_gives_the_whole_answers_pieces(tokenizer_and_preset):
+    """ChoiceStream fed one token at a time (as vLLM streams) sends only final text, and what it
+    sends, text and log-probs, is the non-streamed answer's: over random texts, stop strings that
+    straddle tokens, leading and trailing whitespace and multi-byte characters."""
+    import random
+
+    from rayalign.serve.text import ChoiceStream, render_choice
+
+    tok, _ = tokenizer_and_preset
+    rng = random.Random(0)
+    words = ["the", "fox", " ", "  ", "\n", "lives", "in", "日本", "ö", ".", "forest", "🙂", "x"]
+    for case in range(200):
+        text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(0, 12)))
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if rng.random() < 0.5:
+            ids = ids + [tok.eos_token_id]
+        stops = rng.sample(["fox", "s in", " .", "\n", "日", "ores", "zzz"], rng.randint(0, 3))
+        lps = [{t: -0.1 * (i + 1)} for i, t in enumerate(ids)]
+        whole = render_choice(tok, ids, finished=ids[-1:] == [tok.eos_token_id], stops=stops, logprobs=lps, top=0)
+        stream = ChoiceStream(tok, stops, top=0)
+        sent = []
+        for t, lp in zip(ids, lps):
+            for piece in stream.feed([t], [lp]):
+                assert whole.text.startswith("".join(p.text for p in sent) + piece.text), (case, text, stops)
+                sent.append(piece)
+        tail, choice = stream.finish(ids[-1:] == [tok.eos_token_id])
+        sent += tail
+        assert "".join(p.text for p in sent) == whole.text == choice.text, (case, text, stops)
+        assert [e for p in sent for e in p.logprobs] == whole.logprobs == choice.logprobs, (case, text, stops)
+        assert choice.finish == whole.finish
+    ids = tok(" the fox lives in the forest .", add_special_tokens=False)["input_ids"]
+    stream = ChoiceStream(tok, ["zzz"])
+    early = [p.text for t in ids for p in stream.feed([t])]
+    assert "".join(early) == "the fox lives in the forest"  # all but the last token, sent before the end
+
+
+def _run_schedule(max_wait_s: float, plan: list[tuple[float, str, float]], fail: set[str] = frozenset()):
+    """Requests (arrival s, key, generation s) through a WeightScheduler whose swaps take 20 ms;
+    returns per request (start, end) and the swap log (time, key)."""
+    from rayalign.serve.scheduler import WeightScheduler
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        swaps: list[tuple[float, str, int]] = []
+
+        async def swap(key: str) -> None:
+            swaps.append((loop.time() - t0, key, sched.running))
+            await asyncio.sleep(0.02)
+            if key in fail:
+                raise RuntimeError(f"cannot load {key}")
+
+        sched = WeightScheduler(swap, loaded="a", max_wait_s=max_wait_s)
+
+        async def one(at: float, key: str, gen: float):
+            await asyncio.sleep(at)
+            try:
+                async with sched.hold(key):
+                    assert sched.loaded == key
+                    start = loop.time() - t0
+                    await asyncio.sleep(gen)
+                    return start, loop.time() - t0
+            except RuntimeError as exc:
+                return str(exc)
+
+        out = await asyncio.gather(*(one(*p) for p in plan))
+        return out, swaps, sched
+    return asyncio.run(main())
+
+
+def test_requests_for_the_loaded_weights_batch_and_another_key_waits_a_bounded_time():
+    # eight requests for the loaded key, then a steady stream of them; one request for key b at 0.05 s
+    plan = [(0.0, "a", 0.3)] * 8 + [(0.05, "b", 0.1)] + [(0.1 + 0.05 * i, "a", 0.3) for i in range(20)]
+    out, swaps, sched = _run_schedule(0.2, plan)
+    starts = [s for s, _ in out[:8]]
+    assert max(starts) < 0.05  # the first eight ran together on the loaded weights, no swap
+    assert swaps[0][1] == "b" and swaps[0][2] == 0  # swapped only once nothing ran on a
+    b_start = out[8][0]
+    # b waited at most max_wait_s (0.2) + one drain (0.3) + the swap; not behind the whole stream of a
+    assert 0.05 + 0.2 <= b_start <= 0.05 + 0.2 + 0.3 + 0.1, out[8]
+    late_a = [s for s, _ in out[9:] if s > b_start]
+    assert late_a and min(late_a) >= out[8][1]  # a's later requests came back after b's batch, with a swap back
+    assert [k for _, k, _ in swaps] == ["b", "a"] and sched.swaps == 2 and sched.running == 0
+
+
+def test_an_idle_engine_swaps_at_once_and_a_failed_swap_fails_only_its_key():
+    out, swaps, sched = _run_schedule(5.0, [(0.0, "b", 0.05), (0.01, "b", 0.05)])
+    assert swaps[0][0] < 0.01 and len(swaps) == 1  # nothing ran on a: no waiting for max_wait_s
+    out, swaps, _sched = _run_schedule(0.0, [(0.0, "bad", 0.05), (0.1, "a", 0.05)], fail={"bad"})
+    assert out[0] == "cannot load bad" and isinstance(out[1], tuple)
+    assert [k for _, k, _ in swaps] == ["bad", "a"]  # after a failed swap the weights are reloaded

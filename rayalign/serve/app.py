@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rayalign.config.schema import ServeConfig
 from rayalign.data.tokenize import encode_untrusted_prompt
 from rayalign.models.checkpoint import load_tokenizer
+from rayalign.models.lora import adapter_base, is_adapter_dir
 from rayalign.serve import openai_api as oa
 from rayalign.serve.families import Family, PreferenceError
-from rayalign.serve.text import render_choice
+from rayalign.serve.text import ChoiceStream, render_choice
 
 RETRY_AFTER_S = 5  # what a 503 tells the client to wait: about one replica restart
 
@@ -55,33 +57,82 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(err.body(), status_code=500)
 
 
+class ReplicaUnavailable(RuntimeError):
+    """The replica's engine can no longer serve (its core process died); the ingress answers 503
+    and Serve's health check replaces the replica."""
+
+
+def continuous(cfg: ServeConfig) -> bool:
+    """Whether replicas batch continuously (vLLM's asynchronous engine) or serve one request at a time."""
+    if cfg.batching != "auto":
+        return cfg.batching == "continuous"
+    from rayalign.rollout.engine import vllm_available
+
+    return cfg.engine == "vllm" or (cfg.engine == "auto" and vllm_available())
+
+
 @serve.deployment
 class ModelServer:
-    """A replica: one engine, merged weights cached by key (see PersonalizedServer)."""
+    """A replica: one engine; combined adapters and merged weights cached by key. With vLLM it
+    batches every request in flight (rayalign.serve.batching), else one at a time (rayalign.serve.server)."""
 
     def __init__(self, config: dict[str, Any]):
-        from rayalign.serve.server import PersonalizedServer
+        cfg = ServeConfig.model_validate(config)
+        if continuous(cfg):
+            from rayalign.serve.batching import BatchingServer
 
-        self.server = PersonalizedServer(ServeConfig.model_validate(config))
-        self._merge_s: dict[str, float] = {}
+            self.server: Any = BatchingServer(cfg)
+        else:
+            from rayalign.serve.server import PersonalizedServer
+
+            self.server = PersonalizedServer(cfg)
+        self._fresh: dict[str, float] = {}  # keys built for a request not yet answered: their build time
 
     @serve.multiplexed(max_num_models_per_replica=1024)
     async def get_model(self, key: str) -> str:
-        _, hit, merge_s = await asyncio.to_thread(self.server.merged, key)  # byte-bounded LRU inside
+        """Serve routes a key to replicas that hold it; its adapter or merged weights are built here."""
+        build_s, hit = await self.server.warm(key)  # byte-bounded LRU inside
         if not hit:
-            self._merge_s[key] = merge_s  # reported with the request that caused the merge
+            self._fresh[key] = build_s  # reported with the request that caused the build
         return key
 
-    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
+    async def _deltas(self, prompt_ids: list[int], sampling: dict[str, Any],
+                      info: dict[str, Any]) -> AsyncIterator[list[Any]]:
         from rayalign.rollout.engine import SamplingConfig
 
         key = serve.get_multiplexed_model_id()
         await self.get_model(key)
-        rollouts, info = await asyncio.to_thread(self.server.generate, key, [prompt_ids], SamplingConfig(**sampling))
-        if key in self._merge_s:
-            info.update(cache_hit=False, merge_s=self._merge_s.pop(key))
-        return {"responses": [r.response_ids for r in rollouts], "finished": [r.finished for r in rollouts],
-                "logprobs": [r.logprobs for r in rollouts], "info": info, "cache": self.server.cache.stats()}
+        try:
+            async for deltas in self.server.stream(key, prompt_ids, SamplingConfig(**sampling), info):
+                if key in self._fresh:
+                    info.update(cache_hit=False, merge_s=self._fresh.pop(key))
+                yield deltas
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError":  # vLLM's engine core process is gone
+                raise ReplicaUnavailable(f"the engine died: {exc}") from None
+            raise
+
+    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer: token ids, finish reason and log-probs per choice."""
+        n, info = sampling.get("n", 1), {}
+        ids: list[list[int]] = [[] for _ in range(n)]
+        lps: list[list[Any]] | None = [[] for _ in range(n)] if sampling.get("logprobs") is not None else None
+        finish: list[str | None] = [None] * n
+        async for deltas in self._deltas(prompt_ids, sampling, info):
+            for d in deltas:
+                ids[d.index] += d.token_ids
+                if lps is not None and d.logprobs is not None:
+                    lps[d.index] += d.logprobs
+                finish[d.index] = d.finish or finish[d.index]
+        return {"responses": ids, "finish": finish, "logprobs": lps, "info": info, "cache": self.server.cache.stats()}
+
+    async def stream(self, prompt_ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The choices' new tokens as they are generated; cancelling the call aborts the generation."""
+        async for deltas in self._deltas(prompt_ids, sampling, {}):
+            yield [d.__dict__ for d in deltas]
+
+    async def stats(self) -> dict[str, Any]:
+        return self.server.stats()
 
     async def ready(self) -> bool:
         self.server.check_health()
@@ -89,9 +140,19 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising marks the replica unhealthy and Serve
-        replaces it. A generation stuck inside the engine (it runs in a thread, so this still answers)
-        is how a wedged engine shows."""
+        replaces it: a dead engine, or one that has made no progress for generation_timeout_s."""
         self.server.check_health()
+
+
+UNAVAILABLE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError, BackPressureError, ReplicaUnavailable)
+
+
+def unavailable(exc: BaseException) -> oa.APIError | None:
+    """The 503 (with Retry-After) for a replica that died, is restarting or cannot take the request."""
+    if not isinstance(exc, UNAVAILABLE):
+        return None
+    return oa.APIError(503, f"the model replica is unavailable ({type(exc).__name__}); retry shortly",
+                       code="replica_unavailable", kind="server_error", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @serve.deployment
@@ -102,7 +163,8 @@ class Ingress:
         self.families = {f.name: Family(f, self.cfg.model_store, self.cfg.preference_grid) for f in self.cfg.families}
         first = next(iter(self.families.values())).paths[0]
         self.tok = load_tokenizer(first)
-        self.context = json.loads((Path(first) / "config.json").read_text()).get("max_position_embeddings")
+        config_dir = Path(adapter_base(first)) if is_adapter_dir(first) else Path(first)  # an adapter: its base's
+        self.context = json.loads((config_dir / "config.json").read_text()).get("max_position_embeddings")
         self.max_body = 64 * self.cfg.max_prompt_tokens + 65536
         self.model = model
         self.keys = set(self.cfg.api_keys) | ({os.environ["RAYALIGN_API_KEY"]} if os.environ.get("RAYALIGN_API_KEY") else set())
@@ -192,13 +254,69 @@ class Ingress:
                               code="request_timeout") from None
 
     async def _generate(self, key: str, ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
-        """The model replica's answer; a replica that died or is restarting is a 503 with Retry-After."""
+        """The model replica's whole answer; a replica that died or is restarting is a 503."""
         try:
             return await self.model.options(multiplexed_model_id=key).generate.remote(ids, sampling)
-        except (RayActorError, ActorUnavailableError, DeploymentUnavailableError, BackPressureError) as exc:
-            raise oa.APIError(503, f"the model replica is unavailable ({type(exc).__name__}); retry shortly",
-                              code="replica_unavailable", kind="server_error",
-                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except Exception as exc:
+            err = unavailable(exc)
+            if err is None:
+                raise
+            raise err from None
+
+    async def _open_stream(self, key: str, ids: list[int], sampling: dict[str, Any]) -> tuple[Any, list[dict]]:
+        """A streaming call to the replica and its first step, awaited before answering, so that a
+        replica that is down is still a 503 rather than a broken stream."""
+        gen = self.model.options(multiplexed_model_id=key, stream=True).stream.remote(ids, sampling)
+        try:
+            return gen, await gen.__anext__()
+        except StopAsyncIteration:
+            return gen, []
+        except Exception as exc:
+            gen.cancel()
+            err = unavailable(exc)
+            if err is None:
+                raise
+            raise err from None
+
+    async def _events(self, gen: Any, first: list[dict], name: str, req: Any, chat: bool, prompt_len: int,
+                      top: int | None) -> AsyncIterator[str]:
+        """Server-sent events as the replica's steps arrive. A client that goes away cancels the
+        replica's generation (and with it vLLM's request); a replica that dies mid-stream ends the
+        stream with an OpenAI-shaped error event."""
+        writer = oa.ChunkWriter(name, chat)
+        streams = [ChoiceStream(self.tok, req.stops(), top) for _ in range(req.n)]
+        tokens = 0
+        try:
+            for i in range(req.n):
+                for event in writer.start(i):
+                    yield event
+            steps = first
+            while True:
+                for d in steps:
+                    i, stream = d["index"], streams[d["index"]]
+                    tokens += len(d["token_ids"])
+                    for p in stream.feed(d["token_ids"], d["logprobs"]):
+                        yield writer.piece(i, p, top is not None)
+                    if d["finish"] is not None:
+                        tail, choice = stream.finish(d["finish"] == "stop")
+                        for p in tail:
+                            yield writer.piece(i, p, top is not None)
+                        yield writer.finish(i, choice.finish)
+                try:
+                    steps = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield writer.usage(oa.usage(prompt_len, tokens))
+            yield writer.done()
+        except (asyncio.CancelledError, GeneratorExit):
+            gen.cancel()
+            raise
+        except Exception as exc:
+            gen.cancel()
+            err = unavailable(exc) or oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                                  code="internal_error", kind="server_error")
+            yield oa.sse(err.body())
 
     async def _run(self, request: Request, kind: type, chat: bool) -> Any:
         self._auth(request)
@@ -206,17 +324,16 @@ class Ingress:
         key, name = self._route(req)
         ids = self._prompt(req, chat)
         sampling = self._sampling(req, len(ids))
-        out = await self._generate(key, ids, sampling)
-        top = sampling["logprobs"] or 0
-        lps = out.get("logprobs") or [None] * len(out["responses"])
-        choices = [render_choice(self.tok, r, f, req.stops(), lp, top)
-                   for r, f, lp in zip(out["responses"], out["finished"], lps)]
-        completion_tokens = sum(len(r) for r in out["responses"])
-        use = oa.usage(len(ids), completion_tokens)
+        top = sampling["logprobs"]
         if req.stream:
-            include = req.stream_options is not None and req.stream_options.include_usage
-            chunks = (oa.chat_chunks if chat else oa.completion_chunks)(name, choices, use if include else None)
-            return StreamingResponse(iter(chunks), media_type="text/event-stream")
+            gen, first = await self._open_stream(key, ids, sampling)
+            return StreamingResponse(self._events(gen, first, name, req, chat, len(ids), top),
+                                     media_type="text/event-stream")
+        out = await self._generate(key, ids, sampling)
+        lps = out.get("logprobs") or [None] * len(out["responses"])
+        choices = [render_choice(self.tok, r, f == "stop", req.stops(), lp, top or 0)
+                   for r, f, lp in zip(out["responses"], out["finish"], lps)]
+        completion_tokens = sum(len(r) for r in out["responses"])
         build = oa.chat_response if chat else oa.completion_response
         return build(name, choices, len(ids), completion_tokens, {"merge_key": key, **out["info"]})
 
@@ -280,18 +397,26 @@ def check_config(cfg: ServeConfig) -> None:
             raise ValueError(f"family {f.name}: model directories not found: {missing}")
         paths += fam.sources()
     validate_paths(sorted(set(paths)))
+    if continuous(cfg):  # how each family is served (adapter or full) and the engine's base
+        from rayalign.serve.batching import plan
+
+        plan(cfg, {f.name: Family(f, cfg.model_store, cfg.preference_grid) for f in cfg.families})
 
 
 def build_app(cfg: ServeConfig) -> Any:
     """The Serve application of a config: Ingress -> ModelServer (replicas, autoscaling, resources).
     The config is checked first (check_config)."""
     check_config(cfg)
+    batching = continuous(cfg)
     opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
                             "health_check_period_s": cfg.health_check_period_s,
                             "health_check_timeout_s": cfg.health_check_timeout_s}
+    if batching:  # a batching replica takes every request it can batch; Serve's default is 5
+        opts["max_ongoing_requests"] = cfg.max_num_batched_requests
     if cfg.max_replicas is not None and cfg.max_replicas > cfg.replicas:
         opts["autoscaling_config"] = {"min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,
-                                      "target_ongoing_requests": 4}
+                                      "target_ongoing_requests": max(4, cfg.max_num_batched_requests // 4)
+                                      if batching else 4}
     else:
         opts["num_replicas"] = cfg.replicas
     model = ModelServer.options(**opts).bind(cfg.model_dump())

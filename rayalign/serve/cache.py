@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,10 +23,12 @@ def state_dict_bytes(sd: Mapping[str, torch.Tensor]) -> int:
 
 
 class ByteLRU:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, on_evict: Callable[[str, Any], None] | None = None):
+        """`on_evict(key, value)` is called for every entry pushed out (files to remove, say)."""
         if max_bytes < 0:
             raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
+        self.on_evict = on_evict
         self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
@@ -51,18 +53,26 @@ class ByteLRU:
     def put(self, key: str, value: Any, nbytes: int) -> bool:
         """Insert (or refresh) `key`, evicting the least recently used entries until it fits.
         An entry larger than the whole cache is not kept; returns whether it was."""
+        evicted: list[tuple[str, Any]] = []
         with self._lock:
             if key in self._items:
-                self.bytes -= self._items.pop(key)[1]
-            if nbytes > self.max_bytes:
-                return False
-            while self.bytes + nbytes > self.max_bytes and self._items:
-                _, (_, size) = self._items.popitem(last=False)
+                old, size = self._items.pop(key)
+                self.bytes -= size
+                if old is not value:
+                    evicted.append((key, old))
+            kept = nbytes <= self.max_bytes
+            while kept and self.bytes + nbytes > self.max_bytes and self._items:
+                k, (v, size) = self._items.popitem(last=False)
                 self.bytes -= size
                 self.evictions += 1
-            self._items[key] = (value, nbytes)
-            self.bytes += nbytes
-            return True
+                evicted.append((k, v))
+            if kept:
+                self._items[key] = (value, nbytes)
+                self.bytes += nbytes
+        if self.on_evict is not None:
+            for k, v in evicted:
+                self.on_evict(k, v)
+        return kept
 
     def stats(self) -> dict[str, float]:
         total = self.hits + self.misses

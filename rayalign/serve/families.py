@@ -35,7 +35,7 @@ def quantise(mu: np.ndarray, grid: int) -> np.ndarray:
     """Non-negative mu summing to 1 -> multiples of 1/grid summing to 1 (largest remainder)."""
     scaled = mu * grid
     q = np.floor(scaled)
-    short = int(round(grid - q.sum()))
+    short = round(grid - q.sum())
     order = np.argsort(-(scaled - q), kind="stable")
     q[order[:short]] += 1
     return q / grid
@@ -91,7 +91,7 @@ class Family:
 
     def key(self, mu: np.ndarray) -> str:
         """Exact: the family, the grid and mu's numerators on it ("soup@20:14,6" is mu = (0.7, 0.3))."""
-        return f"{self.cfg.name}@{self.grid}:" + ",".join(str(int(round(x * self.grid))) for x in mu)
+        return f"{self.cfg.name}@{self.grid}:" + ",".join(str(round(x * self.grid)) for x in mu)
 
     def resolve(self, preference: list[float] | None = None, soup: str | None = None) -> tuple[str, list[float]]:
         mu = self.preference(preference, soup)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rayalign.serve.text import Choice, completion_logprobs
+from rayalign.serve.text import Choice, Piece, completion_logprobs
 
 
 class APIError(Exception):
@@ -198,42 +198,60 @@ def sse(obj: dict[str, Any] | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-def chat_chunks(model: str, choices: list[Choice], usage_: dict[str, int] | None = None) -> list[str]:
-    """Server-sent events of a chat completion: a role delta, one content delta per stream piece (with
-    its tokens' log-probs when asked), a finish; with stream_options.include_usage a last chunk with
-    no choices and the usage."""
-    cid, created = completion_id("chatcmpl"), int(time.time())
-    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+class ChunkWriter:
+    """Server-sent events of one chat or text completion, written as its choices' pieces arrive:
+    per chat choice a role delta first, one delta per stream piece (with its tokens' log-probs when
+    asked; a completion's `text_offset` counts from the start of its text), a finish chunk; with
+    stream_options.include_usage a last chunk with no choices and the usage; then [DONE]."""
 
-    def chunk(i: int, delta: dict[str, Any], reason: str | None = None, lps: Any = None) -> str:
-        return sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": lps}]})
+    def __init__(self, model: str, chat: bool):
+        self.chat = chat
+        self.head = {"id": completion_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": model,
+                     "object": "chat.completion.chunk" if chat else "text_completion"}
+        self._pos: dict[int, int] = {}  # completions: characters of token text sent per choice
 
+    def _chunk(self, i: int, body: dict[str, Any], reason: str | None, lps: Any) -> str:
+        return sse({**self.head, "choices": [{"index": i, **body, "finish_reason": reason, "logprobs": lps}]})
+
+    def start(self, i: int) -> list[str]:
+        return [self._chunk(i, {"delta": {"role": "assistant", "content": ""}}, None, None)] if self.chat else []
+
+    def piece(self, i: int, p: Piece, logprobs: bool) -> str:
+        if self.chat:
+            return self._chunk(i, {"delta": {"content": p.text}}, None, {"content": p.logprobs} if logprobs else None)
+        lps = None
+        if logprobs:
+            lps = completion_logprobs(Choice(p.text, "", [], p.logprobs), start=self._pos.get(i, 0))
+            self._pos[i] = self._pos.get(i, 0) + sum(len(e["token"]) for e in p.logprobs)
+        return self._chunk(i, {"text": p.text}, None, lps)
+
+    def finish(self, i: int, reason: str) -> str:
+        return self._chunk(i, {"delta": {}} if self.chat else {"text": ""}, reason, None)
+
+    def usage(self, usage_: dict[str, int]) -> str:
+        return sse({**self.head, "choices": [], "usage": usage_})
+
+    @staticmethod
+    def done() -> str:
+        return sse("[DONE]")
+
+
+def _chunks(model: str, choices: list[Choice], usage_: dict[str, int] | None, chat: bool) -> list[str]:
+    w = ChunkWriter(model, chat)
     out = []
     for i, c in enumerate(choices):
-        out.append(chunk(i, {"role": "assistant", "content": ""}))
-        out += [chunk(i, {"content": p.text}, lps=None if c.logprobs is None else {"content": p.logprobs})
-                for p in c.pieces]
-        out.append(chunk(i, {}, c.finish))
+        out += w.start(i)
+        out += [w.piece(i, p, c.logprobs is not None) for p in c.pieces]
+        out.append(w.finish(i, c.finish))
     if usage_ is not None:
-        out.append(sse({**head, "choices": [], "usage": usage_}))
-    return out + [sse("[DONE]")]
+        out.append(w.usage(usage_))
+    return out + [w.done()]
+
+
+def chat_chunks(model: str, choices: list[Choice], usage_: dict[str, int] | None = None) -> list[str]:
+    """The stream of whole chat choices (see ChunkWriter)."""
+    return _chunks(model, choices, usage_, chat=True)
 
 
 def completion_chunks(model: str, choices: list[Choice], usage_: dict[str, int] | None = None) -> list[str]:
-    cid, created = completion_id("cmpl"), int(time.time())
-    head = {"id": cid, "object": "text_completion", "created": created, "model": model}
-
-    def chunk(i: int, text: str, reason: str | None = None, lps: Any = None) -> str:
-        return sse({**head, "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lps}]})
-
-    out = []
-    for i, c in enumerate(choices):
-        whole, n = completion_logprobs(c), 0  # each chunk carries its slice: text_offset counts from the start
-        for p in c.pieces:
-            lps = None if whole is None else {k: v[n:n + len(p.logprobs)] for k, v in whole.items()}
-            out.append(chunk(i, p.text, lps=lps))
-            n += len(p.logprobs)
-        out.append(chunk(i, "", c.finish))
-    if usage_ is not None:
-        out.append(sse({**head, "choices": [], "usage": usage_}))
-    return out + [sse("[DONE]")]
+    return _chunks(model, choices, usage_, chat=False)

