@@ -1,11 +1,19 @@
-"""Serving personalised merges: latency of a cached soup and of a cold merge, cache hit rate under a
-skewed stream of preference vectors, and throughput against a naive server that merges (and loads)
-on every request -- the same application with its cache turned off -- in one run.
+"""Serving personalised merges at scale, four servers in one run on loopback (Ray Serve, the
+OpenAI-compatible ingress, streaming chat requests from an httpx client):
 
-    python benchmarks/serve_latency.py [--preset medium|small] [--requests 200] [--concurrency 8]
+  (a) lora: a LoRA family, one combined adapter per preference through vLLM's multi-LoRA, batched
+      continuously across preferences;
+  (b) full: the same experts as a full-weight family, merged weights swapped between batches;
+  (c) sequential: today's one-request-at-a-time server (batching: sequential, vLLM's offline engine);
+  (d) fixed: the upper bound, server (b)'s engine serving one fixed model (every request the same key).
 
-Two ingredient models of the preset (random weights; latency does not depend on training) form a
-linear family on loopback. Writes benchmarks/results/serve_latency.json.
+    python benchmarks/serve_latency.py [--preset medium] [--requests 128] [--concurrency 16 64]
+
+Workloads: `distinct` draws every request's preference vector at random over three objectives
+(>= 50 distinct quantised vectors), `repeating` draws from six popular vectors. Reported per server,
+workload and concurrency: throughput, p50/p99 latency and p50 time to first token. The experts
+are random-B adapters (rank 8) on a randomly initialised preset: serving cost does not depend on
+training. Writes benchmarks/results/serve_latency.json.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import socket
 import sys
 import time
@@ -23,17 +33,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers import ROOT  # noqa: E402
 
+OBJECTIVES = ["a", "b", "c"]
 
-def ingredients(work: Path, preset: str) -> Path:
+
+def store(work: Path, preset: str, rank: int) -> tuple[Path, int]:
+    """The preset's base model and three rank-`rank` adapters on it; returns the store and the base's bytes."""
+    from rayalign.config.schema import LoraConfig
+    from rayalign.models.lora import init_adapter
     from rayalign.models.presets import build_preset, train_tokenizer
 
-    tok = None
-    for i in range(2):
-        path = work / f"{preset}-{i}"
+    base = work / f"{preset}-base"
+    if not base.is_dir():
+        build_preset(preset, base, train_tokenizer(0), seed=0)
+    for i in range(len(OBJECTIVES)):
+        path = work / f"{preset}-lora{rank}-{i}"
         if not path.is_dir():
-            tok = tok or train_tokenizer(0)
-            build_preset(preset, path, tok, seed=i)
-    return work
+            init_adapter(base, path, LoraConfig(r=rank, alpha=2 * rank), seed=i, std=0.05)
+    return work, sum(f.stat().st_size for f in base.glob("*.safetensors"))
 
 
 def _port() -> int:
@@ -42,98 +58,200 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-async def _stream(url: str, bodies: list[dict], concurrency: int) -> tuple[list[float], list[dict], float]:
+async def _one(http, url: str, body: dict) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    first = None
+    async with http.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if first is None and line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                first = time.perf_counter() - t0
+            if line.startswith("data: ") and '"error"' in line:
+                raise RuntimeError(line)
+    total = time.perf_counter() - t0
+    return (first if first is not None else total), total
+
+
+async def _run(url: str, bodies: list[dict], concurrency: int) -> dict:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
-    lat: list[float] = []
-    extras: list[dict] = []
-    async with httpx.AsyncClient(timeout=600) as http:
-        async def one(b: dict) -> None:
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=concurrency + 8)) as http:
+        async def one(b: dict) -> tuple[float, float]:
             async with sem:
-                t0 = time.perf_counter()
-                r = await http.post(url, json=b)
-                lat.append(time.perf_counter() - t0)
-                r.raise_for_status()
-                extras.append(r.json()["rayalign"])
+                return await _one(http, url, b)
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(b) for b in bodies))
-        return lat, extras, time.perf_counter() - t0
+        res = await asyncio.gather(*(one(b) for b in bodies))
+        wall = time.perf_counter() - t0
+    ttft, lat = [r[0] for r in res], [r[1] for r in res]
+    return {"requests": len(bodies), "concurrency": concurrency, "requests_per_s": len(bodies) / wall,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
+            "ttft_p50_ms": float(np.percentile(ttft, 50) * 1e3),
+            "ttft_over_latency_p50": float(np.percentile(ttft, 50) / np.percentile(lat, 50))}
 
 
-def pct(xs: list[float]) -> dict[str, float]:
-    return {"p50_ms": float(np.percentile(xs, 50) * 1e3), "p99_ms": float(np.percentile(xs, 99) * 1e3)}
+def workloads(n: int, seed: int = 0) -> dict[str, list[list[float]]]:
+    rng = np.random.default_rng(seed)
+    distinct = [rng.dirichlet([1.0] * len(OBJECTIVES)).round(3).tolist() for _ in range(n)]
+    popular = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0], [0.2, 0.3, 0.5], [1 / 3, 1 / 3, 1 / 3]]
+    weights = 1.0 / np.arange(1, len(popular) + 1) ** 1.1
+    repeating = [popular[i] for i in rng.choice(len(popular), size=n, p=weights / weights.sum())]
+    return {"distinct": distinct, "repeating": repeating}
 
 
-def measure(store: Path, preset: str, cache_bytes: int, bodies: dict[str, list[dict]], concurrency: int) -> dict:
+def serve_and_measure(server: str, work: Path, preset: str, rank: int, loads: dict, concurrencies: list[int],
+                      max_tokens: int, max_loras: int, interval_s: float) -> dict:
     from ray import serve
 
     from rayalign.config.schema import ServeConfig
     from rayalign.serve.app import build_app
+    from rayalign.serve.families import Family
 
     port = _port()
-    cfg = ServeConfig.model_validate({"model_store": str(store), "port": port, "cache_bytes": cache_bytes,
-                                      "max_tokens_limit": 64, "families": [
-                                          {"name": "bench", "models": [f"{preset}-0", f"{preset}-1"],
-                                           "objectives": ["a", "b"]}]})
+    weights = "adapter" if server == "lora" else "full"
+    cfg = ServeConfig.model_validate({
+        "model_store": str(work), "port": port, "cache_bytes": 4 * 1024**3, "max_tokens_limit": max_tokens,
+        "batching": "sequential" if server == "sequential" else "continuous", "max_loras": max_loras,
+        "max_cpu_loras": max(128, max_loras), "stream_interval_s": interval_s,
+        "replica_cpus": 1, "families": [{"name": "bench", "objectives": OBJECTIVES, "weights": weights,
+                                         "models": [f"{preset}-lora{rank}-{i}" for i in range(len(OBJECTIVES))]}]})
+    fam = Family(cfg.families[0], cfg.model_store, cfg.preference_grid)
+    msg = [{"role": "user", "content": "what colour is the apple ?"}]
+
+    def body(mu: list[float], i: int) -> dict:
+        return {"model": "bench", "messages": msg, "max_tokens": max_tokens, "preference": mu, "seed": i,
+                "stream": True}
+
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t0 = time.perf_counter()
     serve.run(build_app(cfg), name="bench", route_prefix="/")
+    start_s = time.perf_counter() - t0
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    out: dict = {"start_s": start_s}
     try:
-        out = {}
-        asyncio.run(_stream(url, bodies["warmup"], 1))
-        lat, ex, _ = asyncio.run(_stream(url, bodies["cold"], 1))
-        out["cold"] = pct(lat) | {"merge_ms": float(np.mean([e["merge_s"] for e in ex]) * 1e3),
-                                  "load_ms": float(np.mean([e["load_s"] for e in ex]) * 1e3)}
-        lat, ex, _ = asyncio.run(_stream(url, bodies["cached"], 1))
-        out["cached"] = pct(lat) | {"hit_rate": float(np.mean([e["cache_hit"] for e in ex]))}
-        lat, ex, wall = asyncio.run(_stream(url, bodies["skewed"], concurrency))
-        out["skewed"] = pct(lat) | {"hit_rate": float(np.mean([e["cache_hit"] for e in ex])),
-                                    "requests_per_s": len(lat) / wall, "reloads": int(sum(e["load_s"] > 0 for e in ex))}
-        return out
+        asyncio.run(_run(url, [body([1, 0, 0], 0)] * 4, 4))  # warm-up
+        names = ["fixed"] if server == "fixed" else list(loads)
+        for name in names:
+            mus = [[1 / 3, 1 / 3, 1 / 3]] * len(loads["distinct"]) if name == "fixed" else loads[name]
+            keys = {fam.resolve(preference=m)[0] for m in mus}
+            for c in concurrencies:
+                res = asyncio.run(_run(url, [body(m, i) for i, m in enumerate(mus)], c))
+                res["distinct_keys"] = len(keys)
+                out[f"{name}@{c}"] = res
+                print(f"  {server:10s} {name:9s} c={c:3d}: {res['requests_per_s']:6.2f} req/s  p50 "
+                      f"{res['p50_ms']:7.0f} ms  p99 {res['p99_ms']:7.0f} ms  ttft p50 {res['ttft_p50_ms']:6.0f} ms  "
+                      f"({len(keys)} keys)", flush=True)
     finally:
         serve.shutdown()
+    return out
+
+
+def engine_only(work: Path, preset: str, rank: int, n: int, concurrency: list[int], max_tokens: int,
+                max_loras: int) -> dict:
+    """The same engine (rayalign.serve.engine.AsyncEngine) with no Serve in front: the fixed model,
+    and one combined adapter per request over `n` distinct preferences (what LoRA costs the engine)."""
+    import tempfile
+
+    from rayalign.merge.lora import combine, load_adapter, save_combined
+    from rayalign.rollout.engine import SamplingConfig
+    from rayalign.serve.engine import AsyncEngine
+
+    experts = [load_adapter(work / f"{preset}-lora{rank}-{i}") for i in range(len(OBJECTIVES))]
+    rng = np.random.default_rng(0)
+    out: dict = {}
+
+    async def measure(lora: bool) -> None:
+        from vllm.lora.request import LoRARequest
+
+        need = rank * len(OBJECTIVES)
+        engine = AsyncEngine(str(work / f"{preset}-base"), lora_rank=min(r for r in (8, 16, 32, 64, 128) if r >= need)
+                             if lora else None, max_loras=max_loras, max_cpu_loras=max(128, max_loras))
+        reqs = [None]
+        if lora:
+            reqs = []
+            for j in range(n):
+                d = Path(tempfile.mkdtemp(prefix="rayalign-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+                save_combined(combine(experts, rng.dirichlet([1.0] * len(OBJECTIVES)).tolist()), d)
+                reqs.append(LoRARequest(f"bench-{j}", j + 1, str(d)))
+        prompt = list(range(1, 12))
+
+        async def one(i: int) -> None:
+            s = SamplingConfig(max_new_tokens=max_tokens, temperature=1.0, seed=i)
+            async for _ in engine.stream(f"{lora}-{i}-{time.time()}", prompt, s, reqs[i % len(reqs)]):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(16)))  # warm-up
+        for c in concurrency:
+            sem = asyncio.Semaphore(c)
+
+            async def limited(i: int) -> None:
+                async with sem:
+                    await one(i)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(limited(i) for i in range(n)))
+            rps = n / (time.perf_counter() - t0)
+            out[f"{'lora' if lora else 'fixed'}@{c}"] = rps
+            print(f"  engine only {'lora' if lora else 'fixed':5s} c={c:3d}: {rps:6.2f} req/s", flush=True)
+        engine.shutdown()
+
+    for lora in (False, True):
+        asyncio.run(measure(lora))
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="medium", choices=["small", "medium"])
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--preset", default="medium", choices=["tiny", "small", "medium"])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--servers", nargs="*", default=["lora", "full", "sequential", "fixed"])
+    p.add_argument("--max-loras", type=int, default=64, help="combined adapters per batch (vLLM max_loras)")
+    p.add_argument("--stream-interval-s", type=float, default=0.05)
+    p.add_argument("--engine-only", action="store_true", help="also measure the engine with no Serve in front")
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-serve")
     a = p.parse_args()
     import ray
 
-    store = ingredients(a.work, a.preset)
-    msg = [{"role": "user", "content": "what colour is the apple ?"}]
-
-    def body(mu: list[float]) -> dict:
-        return {"model": "bench", "messages": msg, "max_tokens": 16, "preference": mu, "seed": 0}
-
-    rng = np.random.default_rng(0)
-    popular = [[i / 20, 1 - i / 20] for i in range(21)]           # 21 quantised vectors, Zipf-distributed
-    weights = 1.0 / np.arange(1, len(popular) + 1) ** 1.1
-    picks = rng.choice(len(popular), size=a.requests, p=weights / weights.sum())
-    bodies = {"warmup": [body([0.5, 0.5])],
-              "cold": [body([0.05 * i + 0.01, 1 - 0.05 * i - 0.01]) for i in range(1, 17)][:16],
-              "cached": [body([0.5, 0.5])] * 30,
-              "skewed": [body(popular[i]) for i in picks]}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    work, base_bytes = store(a.work, a.preset, a.rank)
+    loads = workloads(a.requests)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    results: dict = {}
     try:
-        cached = measure(store, a.preset, 4 * 1024**3, bodies, a.concurrency)
-        naive = measure(store, a.preset, 0, bodies, a.concurrency)
+        for server in a.servers:
+            results[server] = serve_and_measure(server, work, a.preset, a.rank, loads, a.concurrency, a.max_tokens,
+                                                a.max_loras, a.stream_interval_s)
     finally:
         ray.shutdown()
-    res = {"preset": a.preset, "requests": a.requests, "concurrency": a.concurrency, "rayalign": cached,
-           "naive_merge_every_request": naive,
-           "throughput_ratio": cached["skewed"]["requests_per_s"] / naive["skewed"]["requests_per_s"],
-           "cached_p50_ratio": naive["cached"]["p50_ms"] / cached["cached"]["p50_ms"]}
+    top = max(a.concurrency)
+    ratios: dict = {}
+    for c in a.concurrency:
+        for load in loads:
+            k = f"{load}@{c}"
+            seq = results.get("sequential", {}).get(k, {}).get("requests_per_s")
+            fixed = results.get("fixed", {}).get(f"fixed@{c}", {}).get("requests_per_s")
+            for s in ("lora", "full"):
+                rps = results.get(s, {}).get(k, {}).get("requests_per_s")
+                if rps and seq:
+                    ratios[f"{s}/sequential {k}"] = rps / seq
+                if rps and fixed:
+                    ratios[f"{s}/fixed {k}"] = rps / fixed
+    if a.engine_only:
+        results["engine_only"] = engine_only(work, a.preset, a.rank, a.requests, a.concurrency, a.max_tokens,
+                                             a.max_loras)
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU", "preset": a.preset,
+           "base_model_mb": round(base_bytes / 1e6, 1), "adapter_rank": a.rank, "experts": len(OBJECTIVES),
+           "max_tokens": a.max_tokens, "requests": a.requests, "max_loras": a.max_loras,
+           "stream_interval_s": a.stream_interval_s, "servers": results, "ratios": ratios}
     out = ROOT / "benchmarks" / "results" / "serve_latency.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
-    print(f"skewed stream: {cached['skewed']['requests_per_s']:.1f} req/s cached vs {naive['skewed']['requests_per_s']:.1f} "
-          f"naive ({res['throughput_ratio']:.2f}x), hit rate {cached['skewed']['hit_rate']:.1%}; cached p50 "
-          f"{cached['cached']['p50_ms']:.0f} ms, cold p50 {cached['cold']['p50_ms']:.0f} ms")
+    print(json.dumps(ratios, indent=1))
+    lora = results.get("lora", {}).get(f"distinct@{top}", {})
+    if lora:
+        print(f"lora at {top} concurrent, distinct preferences: ttft p50 / latency p50 = "
+              f"{lora['ttft_over_latency_p50']:.2f}")
 
 
 if __name__ == "__main__":

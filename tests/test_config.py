@@ -57,3 +57,31 @@ def test_bad_files_and_override_syntax(tmp_path):
         apply_overrides({}, ["learner.lr"])
     with pytest.raises(ConfigError, match="is a value, not a section"):
         apply_overrides({"learner": 3}, ["learner.lr=1"])
+
+
+def test_vllm_engine_options_for_rollout_and_serve():
+    """enforce_eager follows the device unless set; the other options reach vLLM as given; tensor
+    parallelism needs that many GPUs on the actor; Serve's batching and LoRA limits are checked."""
+    from rayalign.config.schema import RolloutConfig, ServeConfig, VLLMOptions
+
+    assert VLLMOptions().engine_kwargs(gpu=False) == {"enforce_eager": True, "tensor_parallel_size": 1,
+                                                      "max_model_len": None}
+    assert VLLMOptions().engine_kwargs(gpu=True)["enforce_eager"] is False  # CUDA graphs on a GPU
+    kw = VLLMOptions(enforce_eager=True, tensor_parallel_size=2, max_num_seqs=64, max_model_len=4096,
+                     enable_prefix_caching=False).engine_kwargs(gpu=True)
+    assert kw == {"enforce_eager": True, "tensor_parallel_size": 2, "max_model_len": 4096, "max_num_seqs": 64,
+                  "enable_prefix_caching": False}
+    with pytest.raises(ValueError, match="tensor_parallel_size = 2 .* rollout.resources.num_gpus = 1"):
+        RolloutConfig.model_validate({"vllm": {"tensor_parallel_size": 2}, "resources": {"num_gpus": 1}})
+    assert RolloutConfig.model_validate({"vllm": {"tensor_parallel_size": 2},
+                                         "resources": {"num_gpus": 2}}).vllm.tensor_parallel_size == 2
+    fam = {"name": "f", "models": ["a", "b"], "objectives": ["x", "y"]}
+    serve = {"model_store": ".", "families": [fam]}
+    with pytest.raises(ValueError, match="tensor_parallel_size = 4 .* replica_gpus = 1"):
+        ServeConfig.model_validate({**serve, "vllm": {"tensor_parallel_size": 4}, "replica_gpus": 1})
+    with pytest.raises(ValueError, match="batching: continuous needs vLLM"):
+        ServeConfig.model_validate({**serve, "engine": "hf", "batching": "continuous"})
+    with pytest.raises(ValueError, match="max_cpu_loras 4 < max_loras 16"):
+        ServeConfig.model_validate({**serve, "max_cpu_loras": 4})
+    with pytest.raises(ValueError, match="weights"):
+        ServeConfig.model_validate({**serve, "families": [{**fam, "weights": "lora"}]})

@@ -45,7 +45,7 @@ def serve_config(demo, port: int, **kw) -> ServeConfig:
     return ServeConfig.model_validate({
         # max_prompt_tokens above the tiny models' 256 positions: the context is checked too
         "model_store": str(demo), "port": port, "max_tokens_limit": 128, "max_prompt_tokens": 300,
-        "body_timeout_s": 3, "health_check_period_s": 2,
+        "body_timeout_s": 3, "health_check_period_s": 2, "vllm": {"max_num_seqs": 96}, "max_cpu_loras": 40,
         "cache_bytes": 3 * 800_000,  # three merged tiny models, or a few dozen combined adapters
         "families": [
             {"name": "lora-soup", "models": lora, "objectives": ["informative", "concise", "polite"]},
@@ -463,7 +463,6 @@ def test_64_concurrent_streams_over_50_preferences_stream_early_with_no_5xx(serv
     results = asyncio.run(run())
     wall = time.perf_counter() - t0
     assert wall < 240  # bounded: nothing hangs
-    keys = set()
     for first, total, events in results:
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
         chunks = [json.loads(e) for e in events[:-1]]
@@ -474,7 +473,9 @@ def test_64_concurrent_streams_over_50_preferences_stream_early_with_no_5xx(serv
     assert len(streamed) > len(results) / 2 and float(np.median(streamed)) < 0.9, streamed  # text came early
     stats = _replica_stats()
     assert stats["unfinished"] == 0 and stats["cache"]["entries"] >= 1
-    del keys
+    # the config's engine options: 16 combined adapters a batch, 40 in host memory, rank 16 >= 4 + 8 + 4
+    assert {k: stats["engine"][k] for k in ("max_num_seqs", "max_loras", "max_cpu_loras", "max_lora_rank")} == {
+        "max_num_seqs": 96, "max_loras": 16, "max_cpu_loras": 40, "max_lora_rank": 16}
 
 
 def test_a_client_that_disconnects_mid_stream_aborts_its_generation(server):
@@ -640,9 +641,10 @@ def test_a_wedged_engine_makes_the_replica_unhealthy(quick_demo):
 
 
 def test_killed_replica_gives_503_with_retry_after_then_recovers(server):
-    """SIGKILL the model replica's process under load: every request is answered (200, or an
-    OpenAI-shaped 503 with Retry-After; never a 500 or a hang), Serve starts a new replica, and
-    requests succeed again."""
+    """SIGKILL the model replica's process under load (whole and streamed requests, full-weight and
+    LoRA families): every request is answered -- 200, or an OpenAI-shaped 503 with Retry-After, or
+    a stream that ends with an error event; never a 500 or a hang -- Serve starts a new replica,
+    and requests succeed again."""
     import time
 
     import psutil
@@ -650,28 +652,37 @@ def test_killed_replica_gives_503_with_retry_after_then_recovers(server):
     url = server[0] + "/v1/chat/completions"
     body = {"model": "demo-soup", "messages": [{"role": "user", "content": "describe the pig ."}], "max_tokens": 32,
             "n": 4, "preference": [0.5, 0.5]}
+    lora = {**body, "model": "lora-soup", "preference": [0.2, 0.3, 0.5], "max_tokens": 128, "stream": True}
 
     def replicas() -> list[psutil.Process]:
         return [p for p in psutil.process_iter(["cmdline"])
                 if "ServeReplica:rayalign:ModelServer" in " ".join(p.info["cmdline"] or [])]
 
-    async def run() -> list[httpx.Response]:
+    async def stream(http) -> tuple[int, str]:
+        async with http.stream("POST", url, json=lora) as r:
+            return r.status_code, (await r.aread()).decode()
+
+    async def run():
         async with httpx.AsyncClient(timeout=240, headers={"Authorization": "Bearer sk-test"}) as http:
             tasks = [asyncio.create_task(http.post(url, json=body)) for _ in range(12)]
-            await asyncio.sleep(0.3)
+            streams = [asyncio.create_task(stream(http)) for _ in range(4)]
+            await asyncio.sleep(0.5)
             victims = replicas()
             assert victims, "no model replica process found"
             for p in victims:
                 p.kill()
-            return await asyncio.gather(*tasks)
+            return await asyncio.gather(*tasks), await asyncio.gather(*streams)
 
-    responses = asyncio.run(run())
-    codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 503}, [(r.status_code, r.text[:200]) for r in responses]
-    assert 503 in codes, f"no request was in flight at the kill: {codes}"  # measured: 5 of 12 in flight, 7 queued
+    responses, streamed = asyncio.run(run())
+    codes = [r.status_code for r in responses] + [c for c, _ in streamed]
+    assert set(codes) <= {200, 503}, [(r.status_code, r.text[:200]) for r in responses] + streamed
+    assert 503 in codes or any('"error"' in text for _, text in streamed), f"nothing was in flight: {codes}"
     for r in responses:
         if r.status_code == 503:
             assert r.headers["retry-after"] and r.json()["error"]["code"] == "replica_unavailable"
+    for code, text in streamed:
+        if code == 200:  # whole, or cut by the kill with an error event naming it
+            assert text.rstrip().endswith("data: [DONE]") or '"code": "replica_unavailable"' in text, text[-500:]
     deadline = time.monotonic() + 240
     while True:
         r = httpx.post(url, json=body, headers={"Authorization": "Bearer sk-test"}, timeout=240)

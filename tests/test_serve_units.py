@@ -2,6 +2,7 @@
 preference vector (or named soup) to merge coefficients, with its errors."""
 
 import asyncio
+import shutil
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_family_config_errors():
 
 
 def test_merge_keys_name_their_merge_exactly():
-    from rayalign.serve.server import parse_key
+    from rayalign.serve.families import parse_key
 
     assert parse_key("demo-soup@20:14,6") == ("demo-soup", 20, [14, 6])
     assert parse_key("a@b@3:1,2") == ("a@b", 3, [1, 2])
@@ -271,3 +272,43 @@ def test_an_idle_engine_swaps_at_once_and_a_failed_swap_fails_only_its_key():
     out, swaps, _sched = _run_schedule(0.0, [(0.0, "bad", 0.05), (0.1, "a", 0.05)], fail={"bad"})
     assert out[0] == "cannot load bad" and isinstance(out[1], tuple)
     assert [k for _, k, _ in swaps] == ["bad", "a"]  # after a failed swap the weights are reloaded
+
+
+def test_which_families_serve_as_combined_adapters(tokenizer_and_preset, tmp_path):
+    """LoRA ingredients on one base are served as one combined adapter per preference (vLLM
+    max_lora_rank covering the sum of ranks); anything else as full weights, or an error naming
+    the family when `weights: adapter` was asked for."""
+    from rayalign.config.schema import LoraConfig, ServeConfig
+    from rayalign.models.lora import init_adapter
+    from rayalign.serve.batching import plan
+
+    store = tmp_path
+    base = store / "base"
+    shutil.copytree(tokenizer_and_preset[1], base)
+    for name, r in (("ad-0", 4), ("ad-1", 8), ("ad-2", 16)):
+        init_adapter(base, store / name, LoraConfig(r=r))
+    other = store / "other-base"
+    shutil.copytree(base, other)
+    init_adapter(other, store / "ad-other", LoraConfig(r=4))
+
+    def resolve(*families):
+        cfg = ServeConfig.model_validate({"model_store": str(store), "families": list(families)})
+        return plan(cfg, {f.name: Family(f, cfg.model_store, cfg.preference_grid) for f in cfg.families})
+
+    lin = {"name": "lin", "models": ["ad-0", "ad-1"], "objectives": ["a", "b"]}
+    bone = {"name": "bone", "kind": "bone_soup", "beta": 0.7, "k": 1.2, "base_model": base.name,
+            "models": ["ad-1", "ad-2"], "objectives": ["a", "b"]}
+    full = {"name": "full", "models": [base.name, "ad-0"], "objectives": ["a", "b"]}
+    p = resolve(lin, bone, full)
+    assert p.kinds == {"lin": "adapter", "bone": "adapter", "full": "full"} and p.base == base.resolve()
+    assert p.ranks == {"lin": 12, "bone": 24} and p.lora_rank == 32  # the smallest vLLM rank >= 24
+    assert resolve({**lin, "weights": "full"}).kinds == {"lin": "full"}
+    assert resolve({**lin, "allow_negative": True}).kinds == {"lin": "full"}  # weights need not sum to one
+    for fam, match in [({**full, "weights": "adapter"}, r"family full: weights: adapter, but its models \[.*\] are "
+                        "full checkpoints"),
+                       ({**lin, "models": ["ad-0", "ad-other"], "weights": "adapter"}, "on different bases"),
+                       ({**lin, "allow_negative": True, "weights": "adapter"}, "allow_negative")]:
+        with pytest.raises(ValueError, match=match):
+            resolve(fam)
+    with pytest.raises(ValueError, match="adapter families on different bases"):
+        resolve(lin, {**lin, "name": "lin2", "models": ["ad-other", "ad-other"]})

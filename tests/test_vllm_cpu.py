@@ -24,10 +24,16 @@ def prompts(quick_demo):
 
 @pytest.fixture(scope="module")
 def vllm_engine(quick_demo):
-    return VLLMEngine(str(quick_demo / "sft" / "sft-0"), GREEDY, dtype="float32")
+    from rayalign.config.schema import VLLMOptions
+
+    options = VLLMOptions(max_num_seqs=24, max_model_len=200, enable_prefix_caching=False)
+    return VLLMEngine(str(quick_demo / "sft" / "sft-0"), GREEDY, dtype="float32", options=options)
 
 
 def test_vllm_cpu_greedy_equals_transformers(quick_demo, prompts, vllm_engine):
+    config = vllm_engine.llm.llm_engine.vllm_config  # the engine options reached vLLM
+    assert (config.scheduler_config.max_num_seqs, config.model_config.max_model_len) == (24, 200)
+    assert not config.cache_config.enable_prefix_caching and config.model_config.enforce_eager  # eager on CPU
     expected = greedy_of(quick_demo / "sft" / "sft-0", prompts)
     got = [r.response_ids for r in vllm_engine.generate(prompts)]
     assert got == expected

@@ -636,12 +636,15 @@ class ServeConfig(Strict):
     batching: Literal["auto", "continuous", "sequential"] = Field(
         "auto", description="continuous: vLLM's asynchronous engine batches every request in flight (auto with "
         "vLLM); sequential: one request at a time, weights swapped per key (auto with the transformers engine)")
-    max_loras: int = Field(8, ge=1, description="combined adapters in one batch (vLLM max_loras)")
+    max_loras: int = Field(16, ge=1, description="distinct combined adapters in one batch (vLLM max_loras); "
+                           "requests for further preferences wait for a slot")
     max_cpu_loras: int | None = Field(None, ge=1, description="adapters vLLM keeps loaded in host memory (vLLM "
                                       "max_cpu_loras; None: max(64, max_loras))")
     max_swap_wait_s: float = Field(1.0, ge=0, description="full-weight families: once a request for another key "
                                    "has waited this long, the loaded key takes no new requests; the swap follows "
                                    "when its batch drains")
+    stream_interval_s: float = Field(0.05, ge=0, description="a streamed answer's tokens travel from the replica "
+                                     "in one message per this window (the first at once); 0 sends every step")
     max_num_batched_requests: int = Field(256, ge=1, description="requests a replica takes at once (Serve "
                                           "max_ongoing_requests of the model deployment)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM on a GPU: share of the GPU's "

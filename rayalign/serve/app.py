@@ -86,6 +86,7 @@ class ModelServer:
             from rayalign.serve.server import PersonalizedServer
 
             self.server = PersonalizedServer(cfg)
+        self.interval_s = cfg.stream_interval_s
         self._fresh: dict[str, float] = {}  # keys built for a request not yet answered: their build time
 
     @serve.multiplexed(max_num_models_per_replica=1024)
@@ -128,8 +129,14 @@ class ModelServer:
 
     async def stream(self, prompt_ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         """The choices' new tokens as they are generated; cancelling the call aborts the generation."""
-        async for deltas in self._deltas(prompt_ids, sampling, {}):
-            yield [d.__dict__ for d in deltas]
+        from rayalign.serve.engine import coalesce
+
+        steps = coalesce(self._deltas(prompt_ids, sampling, {}), self.interval_s)
+        try:
+            async for deltas in steps:
+                yield [d.__dict__ for d in deltas]
+        finally:
+            await steps.aclose()
 
     async def stats(self) -> dict[str, Any]:
         return self.server.stats()
@@ -287,28 +294,28 @@ class Ingress:
         streams = [ChoiceStream(self.tok, req.stops(), top) for _ in range(req.n)]
         tokens = 0
         try:
-            for i in range(req.n):
-                for event in writer.start(i):
-                    yield event
+            if chat:
+                yield "".join(e for i in range(req.n) for e in writer.start(i))
             steps = first
             while True:
+                events = []  # one message per replica step
                 for d in steps:
                     i, stream = d["index"], streams[d["index"]]
                     tokens += len(d["token_ids"])
-                    for p in stream.feed(d["token_ids"], d["logprobs"]):
-                        yield writer.piece(i, p, top is not None)
+                    events += [writer.piece(i, p, top is not None) for p in stream.feed(d["token_ids"], d["logprobs"])]
                     if d["finish"] is not None:
                         tail, choice = stream.finish(d["finish"] == "stop")
-                        for p in tail:
-                            yield writer.piece(i, p, top is not None)
-                        yield writer.finish(i, choice.finish)
+                        events += [writer.piece(i, p, top is not None) for p in tail]
+                        events.append(writer.finish(i, choice.finish))
+                if events:
+                    yield "".join(events)
                 try:
                     steps = await gen.__anext__()
                 except StopAsyncIteration:
                     break
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield writer.usage(oa.usage(prompt_len, tokens))
-            yield writer.done()
+            end = [writer.usage(oa.usage(prompt_len, tokens))] if (
+                req.stream_options is not None and req.stream_options.include_usage) else []
+            yield "".join([*end, writer.done()])
         except (asyncio.CancelledError, GeneratorExit):
             gen.cancel()
             raise

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rayalign.config.schema import VLLM_LORA_MODULES, VLLM_LORA_RANKS, ServeConfig
@@ -45,9 +44,8 @@ from rayalign.models.lora import adapter_base, is_adapter_dir, same_path
 from rayalign.rollout.engine import SamplingConfig
 from rayalign.serve.cache import ByteLRU
 from rayalign.serve.engine import AsyncEngine, Delta
-from rayalign.serve.families import Family, PreferenceError
+from rayalign.serve.families import Family, key_coefficients
 from rayalign.serve.scheduler import WeightScheduler
-from rayalign.serve.server import parse_key
 
 BASE_KEY = "@base"  # the weights key of every adapter family's requests: the base model itself
 
@@ -127,6 +125,7 @@ class Prepared:
     nbytes: int
     build_s: float
     lora: Any = None
+    removed: bool = False  # evicted and deleted: a request that still holds it builds it again
 
 
 class BatchingServer:
@@ -153,13 +152,7 @@ class BatchingServer:
     # ---- merge coefficients and what they become on the engine ---------------------------------------
 
     def coefficients(self, key: str) -> tuple[Family, list[float]]:
-        name, grid, nums = parse_key(key)
-        fam = self.families.get(name)
-        if fam is None:
-            raise PreferenceError(f"unknown model {name!r}; served: {sorted(self.families)}")
-        if grid != fam.grid or len(nums) != fam.n:
-            raise PreferenceError(f"model key {key!r} does not match family {name} (grid {fam.grid}, {fam.n} weights)")
-        return fam, fam.coefficients(np.asarray(nums, dtype=np.float64) / grid)
+        return key_coefficients(self.families, key)
 
     async def prepare(self, key: str) -> tuple[Prepared, bool]:
         """The key's combined adapter or merged weights, from the cache or built once (concurrent
@@ -236,6 +229,7 @@ class BatchingServer:
             self._remove(entry)
 
     def _remove(self, entry: Prepared) -> None:
+        entry.removed = True
         shutil.rmtree(entry.path, ignore_errors=True)
         if entry.lora is not None:
             asyncio.ensure_future(self.engine.remove_lora(entry.lora.lora_int_id))
@@ -269,6 +263,8 @@ class BatchingServer:
         filled with the cache hit, build and queue times."""
         t0 = time.perf_counter()
         entry, hit = await self.prepare(key)
+        while entry.removed:  # evicted by another build before this request could hold it
+            entry, hit = await self.prepare(key)
         self._pin(entry)
         try:
             weights_key = BASE_KEY if entry.kind == "adapter" else key
@@ -278,6 +274,8 @@ class BatchingServer:
                     info.update(engine=self.engine.name, batching="continuous", kind=entry.kind, cache_hit=hit,
                                 merge_s=0.0 if hit else entry.build_s, prepare_s=t1 - t0,
                                 queue_s=time.perf_counter() - t1)
+                if self.engine.unfinished() == 0:  # the no-progress clock starts with the first request in
+                    self.last_progress = time.monotonic()
                 async for deltas in self.engine.stream(uuid.uuid4().hex, prompt_ids, sampling, entry.lora):
                     self.last_progress = time.monotonic()
                     yield deltas
@@ -300,7 +298,8 @@ class BatchingServer:
                                f"(generation_timeout_s {self.cfg.generation_timeout_s:g}): wedged")
 
     def stats(self) -> dict[str, Any]:
-        return {"unfinished": self.engine.unfinished(), "aborted": self.engine.aborted, "swaps": self.sched.swaps,
+        return {"engine": self.engine.config(), "unfinished": self.engine.unfinished(), "aborted": self.engine.aborted,
+                "swaps": self.sched.swaps,
                 "loaded": self.sched.loaded, "waiting": self.sched.waiting(), "cache": self.cache.stats(),
                 "kinds": self.plan.kinds}
 

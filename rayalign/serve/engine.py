@@ -13,6 +13,7 @@ The engine core runs in a child process (vLLM's design); weights are swapped fro
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ def sampling_params(s: SamplingConfig, stream: bool = True) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    # the ingress renders text from token ids; vLLM detokenizes only to find stop strings
     return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                           seed=s.seed if s.temperature > 0 else None, stop=s.stop or None, logprobs=s.logprobs,
+                          detokenize=bool(s.stop),
                           output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
 
 
@@ -99,6 +102,16 @@ class AsyncEngine:
     async def remove_lora(self, lora_id: int) -> None:
         await self.llm.remove_lora(lora_id)
 
+    def config(self) -> dict[str, Any]:
+        """What the engine runs with (vLLM's resolved config)."""
+        c = self.llm.vllm_config
+        lora = c.lora_config
+        return {"max_num_seqs": c.scheduler_config.max_num_seqs, "max_model_len": c.model_config.max_model_len,
+                "enforce_eager": c.model_config.enforce_eager, "tensor_parallel_size": c.parallel_config.tensor_parallel_size,
+                "enable_prefix_caching": c.cache_config.enable_prefix_caching,
+                "max_loras": lora.max_loras if lora else 0, "max_cpu_loras": lora.max_cpu_loras if lora else 0,
+                "max_lora_rank": lora.max_lora_rank if lora else 0}
+
     def unfinished(self) -> int:
         return self.llm.get_num_unfinished_requests()
 
@@ -110,3 +123,66 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def merge_deltas(steps: list[list[Delta]]) -> list[Delta]:
+    """Several steps' deltas as one: per choice, the tokens (and log-probs) in order, the last finish."""
+    out: dict[int, Delta] = {}
+    for step in steps:
+        for d in step:
+            m = out.get(d.index)
+            if m is None:
+                out[d.index] = Delta(d.index, list(d.token_ids), None if d.logprobs is None else list(d.logprobs),
+                                     d.finish)
+                continue
+            m.token_ids += d.token_ids
+            if d.logprobs is not None:
+                m.logprobs = (m.logprobs or []) + d.logprobs
+            m.finish = d.finish or m.finish
+    return [out[i] for i in sorted(out)]
+
+
+async def coalesce(steps: AsyncIterator[list[Delta]], interval_s: float) -> AsyncIterator[list[Delta]]:
+    """Engine steps regrouped for the wire: the first at once (time to first token), then what
+    arrived in each `interval_s` window as one message, so a stream costs the Serve path ~1/interval
+    messages a second instead of one per token. Closing this iterator closes (aborts) `steps`."""
+    import asyncio
+
+    if interval_s <= 0:
+        async for s in steps:
+            yield s
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump() -> None:
+        try:
+            async for s in steps:
+                queue.put_nowait(s)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(end)
+
+    task = asyncio.ensure_future(pump())
+    try:
+        first, done = True, False
+        while not done:
+            batch = [await queue.get()]
+            if not first and batch[0] is not end and not isinstance(batch[0], Exception):
+                await asyncio.sleep(interval_s)  # the window opens with its first step
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            first = False
+            stop = next((b for b in batch if b is end or isinstance(b, Exception)), None)
+            done = stop is not None
+            steps_ = [b for b in batch if b is not end and not isinstance(b, Exception)]
+            if steps_:
+                yield merge_deltas(steps_)
+            if isinstance(stop, Exception):
+                raise stop
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await steps.aclose()  # type: ignore[attr-defined]

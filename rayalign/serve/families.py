@@ -96,3 +96,24 @@ class Family:
     def resolve(self, preference: list[float] | None = None, soup: str | None = None) -> tuple[str, list[float]]:
         mu = self.preference(preference, soup)
         return self.key(mu), self.coefficients(mu)
+
+
+def parse_key(key: str) -> tuple[str, int, list[int]]:
+    """"family@grid:n1,n2" -> (family, grid, numerators): a key names its merge completely."""
+    try:
+        family, rest = key.rsplit("@", 1)
+        grid, nums = rest.split(":", 1)
+        return family, int(grid), [int(x) for x in nums.split(",")]
+    except ValueError:
+        raise PreferenceError(f"malformed model key {key!r}") from None
+
+
+def key_coefficients(families: dict[str, Family], key: str) -> tuple[Family, list[float]]:
+    """The family a merge key names and the merge coefficients on its sources."""
+    name, grid, nums = parse_key(key)
+    fam = families.get(name)
+    if fam is None:
+        raise PreferenceError(f"unknown model {name!r}; served: {sorted(families)}")
+    if grid != fam.grid or len(nums) != fam.n:
+        raise PreferenceError(f"model key {key!r} does not match family {name} (grid {fam.grid}, {fam.n} weights)")
+    return fam, fam.coefficients(np.asarray(nums, dtype=np.float64) / grid)

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from rayalign.config.schema import ServeConfig
@@ -29,7 +28,7 @@ from rayalign.merge.io import read_state_dict
 from rayalign.models.checkpoint import load_tokenizer
 from rayalign.rollout.engine import Rollout, SamplingConfig, make_engine
 from rayalign.serve.cache import ByteLRU, state_dict_bytes
-from rayalign.serve.families import Family, PreferenceError
+from rayalign.serve.families import Family, key_coefficients
 
 
 def pick_next(waiting: list[str], loaded: str | None, streak: int, max_streak: int) -> int:
@@ -39,16 +38,6 @@ def pick_next(waiting: list[str], loaded: str | None, streak: int, max_streak: i
         return waiting.index(loaded)
     others = [i for i, k in enumerate(waiting) if k != loaded]
     return others[0] if others else 0
-
-
-def parse_key(key: str) -> tuple[str, int, list[int]]:
-    """"family@grid:n1,n2" -> (family, grid, numerators): a key names its merge completely."""
-    try:
-        family, rest = key.rsplit("@", 1)
-        grid, nums = rest.split(":", 1)
-        return family, int(grid), [int(x) for x in nums.split(",")]
-    except ValueError:
-        raise PreferenceError(f"malformed model key {key!r}") from None
 
 
 class PersonalizedServer:
@@ -90,14 +79,7 @@ class PersonalizedServer:
         return self._ingredients[path]
 
     def coefficients(self, key: str) -> tuple[Family, list[float]]:
-        name, grid, nums = parse_key(key)
-        fam = self.families.get(name)
-        if fam is None:
-            raise PreferenceError(f"unknown model {name!r}; served: {sorted(self.families)}")
-        if grid != fam.grid or len(nums) != fam.n:
-            raise PreferenceError(f"model key {key!r} does not match family {name} (grid {fam.grid}, {fam.n} weights)")
-        mu = np.asarray(nums, dtype=np.float64) / grid
-        return fam, fam.coefficients(mu)
+        return key_coefficients(self.families, key)
 
     def merged(self, key: str) -> tuple[dict[str, torch.Tensor], bool, float]:
         """The merged weights of `key` (cached), whether they came from the cache, and the merge time."""
