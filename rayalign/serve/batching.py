@@ -145,6 +145,7 @@ class BatchingServer:
         self._building: dict[str, asyncio.Future] = {}
         self._live: dict[str, tuple[Prepared, int]] = {}  # key -> (entry, requests using it)
         self._doomed: set[str] = set()  # evicted while in use: removed when the last request ends
+        self._unkept: dict[str, Prepared] = {}  # built but larger than the cache, not yet taken by its request
         self._ids = itertools.count(1)
         self._root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.last_progress = time.monotonic()
@@ -164,6 +165,8 @@ class BatchingServer:
         hit = self.cache.get(key)
         if hit is not None:
             return hit, True
+        if key in self._unkept:  # built for a request, too large to cache: that request's, removed after it
+            return self._unkept.pop(key), False
         if key not in self._building:
             self._building[key] = asyncio.ensure_future(self._build(key))
             self._building[key].add_done_callback(lambda _: self._building.pop(key, None))
@@ -195,6 +198,7 @@ class BatchingServer:
         entry.build_s = time.perf_counter() - t0
         if not self.cache.put(key, entry, nbytes):  # larger than the whole cache: used once, then removed
             self._doomed.add(key)
+            self._unkept[key] = entry
         return entry
 
     def _write_adapter(self, fam: Family, coefs: list[float], out: Path) -> int:
