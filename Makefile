@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 RUN ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# the pure tests only (maths, merges, configs, placement, the world): a couple of minutes
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m fast
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -19,6 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 cpu_defaults(ROOT)
 
 
+# `make test-fast` (pytest -m fast): these modules' tests that need no quick demo
+FAST_MODULES = {"test_ppo_math", "test_preference_math", "test_merge", "test_config", "test_placement", "test_world",
+                "test_pareto", "test_serve_units", "test_sync_buckets", "test_models", "test_logprobs"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in FAST_MODULES and "quick_demo" not in item.fixturenames:
+            item.add_marker(pytest.mark.fast)
+
+
 def cli_env() -> dict[str, str]:
     """The test environment minus RAY_ADDRESS: a command run as a user would start its own Ray."""
     env = os.environ.copy()
