@@ -153,6 +153,7 @@ def engine_only(work: Path, preset: str, rank: int, n: int, concurrency: list[in
     and one combined adapter per request over `n` distinct preferences (what LoRA costs the engine)."""
     import tempfile
 
+    from rayalign.config.schema import VLLM_LORA_RANKS
     from rayalign.merge.lora import combine, load_adapter, save_combined
     from rayalign.rollout.engine import SamplingConfig
     from rayalign.serve.engine import AsyncEngine
@@ -165,7 +166,7 @@ def engine_only(work: Path, preset: str, rank: int, n: int, concurrency: list[in
         from vllm.lora.request import LoRARequest
 
         need = rank * len(OBJECTIVES)
-        engine = AsyncEngine(str(work / f"{preset}-base"), lora_rank=min(r for r in (8, 16, 32, 64, 128) if r >= need)
+        engine = AsyncEngine(str(work / f"{preset}-base"), lora_rank=min(r for r in VLLM_LORA_RANKS if r >= need)
                              if lora else None, max_loras=max_loras, max_cpu_loras=max(128, max_loras))
         reqs = [None]
         if lora:

@@ -31,6 +31,7 @@ from rayalign.data.tokenize import encode_untrusted_prompt
 from rayalign.models.checkpoint import load_tokenizer
 from rayalign.models.lora import adapter_base, is_adapter_dir
 from rayalign.serve import openai_api as oa
+from rayalign.serve.engine import EngineDead
 from rayalign.serve.families import Family, PreferenceError
 from rayalign.serve.text import ChoiceStream, render_choice
 
@@ -55,11 +56,6 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     """Whatever else goes wrong is still answered in OpenAI's shape, never as a plain-text 500."""
     err = oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error", kind="server_error")
     return JSONResponse(err.body(), status_code=500)
-
-
-class ReplicaUnavailable(RuntimeError):
-    """The replica's engine can no longer serve (its core process died); the ingress answers 503
-    and Serve's health check replaces the replica."""
 
 
 def continuous(cfg: ServeConfig) -> bool:
@@ -103,15 +99,10 @@ class ModelServer:
 
         key = serve.get_multiplexed_model_id()
         await self.get_model(key)
-        try:
-            async for deltas in self.server.stream(key, prompt_ids, SamplingConfig(**sampling), info):
-                if key in self._fresh:
-                    info.update(cache_hit=False, merge_s=self._fresh.pop(key))
-                yield deltas
-        except Exception as exc:
-            if type(exc).__name__ == "EngineDeadError":  # vLLM's engine core process is gone
-                raise ReplicaUnavailable(f"the engine died: {exc}") from None
-            raise
+        async for deltas in self.server.stream(key, prompt_ids, SamplingConfig(**sampling), info):
+            if key in self._fresh:
+                info.update(cache_hit=False, merge_s=self._fresh.pop(key))
+            yield deltas
 
     async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
         """The whole answer: token ids, finish reason and log-probs per choice."""
@@ -151,7 +142,8 @@ class ModelServer:
         self.server.check_health()
 
 
-UNAVAILABLE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError, BackPressureError, ReplicaUnavailable)
+# a replica that died, is restarting, is full, or whose engine died (Serve's health check replaces it)
+UNAVAILABLE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError, BackPressureError, EngineDead)
 
 
 def unavailable(exc: BaseException) -> oa.APIError | None:

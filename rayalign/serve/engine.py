@@ -25,6 +25,10 @@ from rayalign.config.schema import VLLMOptions
 from rayalign.rollout.engine import SamplingConfig
 
 
+class EngineDead(RuntimeError):
+    """vLLM's engine core process is gone: this replica cannot serve until Serve replaces it."""
+
+
 @dataclass
 class Delta:
     """New tokens of one choice since the last step; `finish` is vLLM's reason once it ended
@@ -78,6 +82,8 @@ class AsyncEngine:
 
         gen = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sampling_params(sampling), request_id,
                                 lora_request=lora)
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         done = False
         try:
             async for out in gen:
@@ -86,6 +92,8 @@ class AsyncEngine:
                                                               for d in c.logprobs],
                              c.finish_reason) for c in out.outputs]
             done = True
+        except EngineDeadError as exc:
+            raise EngineDead(f"the vLLM engine died: {exc}") from None
         finally:
             if not done:
                 self.aborted += 1
