@@ -151,12 +151,11 @@ def engine_only(work: Path, preset: str, rank: int, n: int, concurrency: list[in
                 max_loras: int) -> dict:
     """The same engine (rayalign.serve.engine.AsyncEngine) with no Serve in front: the fixed model,
     and one combined adapter per request over `n` distinct preferences (what LoRA costs the engine)."""
-    import tempfile
-
     from rayalign.config.schema import VLLM_LORA_RANKS
     from rayalign.merge.lora import combine, load_adapter, save_combined
     from rayalign.rollout.engine import SamplingConfig
     from rayalign.serve.engine import AsyncEngine
+    from rayalign.utils.io import scratch_dir
 
     experts = [load_adapter(work / f"{preset}-lora{rank}-{i}") for i in range(len(OBJECTIVES))]
     rng = np.random.default_rng(0)
@@ -172,7 +171,7 @@ def engine_only(work: Path, preset: str, rank: int, n: int, concurrency: list[in
         if lora:
             reqs = []
             for j in range(n):
-                d = Path(tempfile.mkdtemp(prefix="rayalign-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+                d = Path(scratch_dir("rayalign-bench-"))
                 save_combined(combine(experts, rng.dirichlet([1.0] * len(OBJECTIVES)).tolist()), d)
                 reqs.append(LoRARequest(f"bench-{j}", j + 1, str(d)))
         prompt = list(range(1, 12))

@@ -28,6 +28,7 @@ from rayalign.config.schema import LoraConfig, VLLMOptions, check_vllm_lora
 from rayalign.data.tokenize import pad
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.utils.device import accelerator
+from rayalign.utils.io import scratch_dir
 
 
 class SamplingConfig(Strict):
@@ -209,7 +210,6 @@ class VLLMEngine:
 
     def _install_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         import shutil
-        import tempfile
 
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
@@ -217,8 +217,7 @@ class VLLMEngine:
         from rayalign.models.lora import ADAPTER_WEIGHTS, peft_config
 
         state = {n: t.detach().to("cpu").contiguous() for n, t in named_tensors}
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        new_dir = tempfile.mkdtemp(prefix="rayalign-adapter-", dir=root)
+        new_dir = scratch_dir("rayalign-adapter-")
         assert self.lora is not None
         peft_config(self.lora).save_pretrained(new_dir)
         save_file(state, os.path.join(new_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -245,12 +244,10 @@ def weights_dir(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[s
     """The tensors as one safetensors file in a temporary directory on tmpfs (where there is one),
     for vLLM's `reload_weights(weights_path=...)`; removed afterwards."""
     import shutil
-    import tempfile
 
     from safetensors.torch import save_file
 
-    root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    path = tempfile.mkdtemp(prefix="rayalign-weights-", dir=root)
+    path = scratch_dir("rayalign-weights-")
     try:
         save_file({n: t.detach().to("cpu").contiguous() for n, t in named_tensors},
                   os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +44,7 @@ from rayalign.serve.cache import ByteLRU
 from rayalign.serve.engine import AsyncEngine, Delta
 from rayalign.serve.families import Family, key_coefficients
 from rayalign.serve.scheduler import WeightScheduler
+from rayalign.utils.io import scratch_dir
 
 BASE_KEY = "@base"  # the weights key of every adapter family's requests: the base model itself
 
@@ -147,7 +146,6 @@ class BatchingServer:
         self._doomed: set[str] = set()  # evicted while in use: removed when the last request ends
         self._unkept: dict[str, Prepared] = {}  # built but larger than the cache, not yet taken by its request
         self._ids = itertools.count(1)
-        self._root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.last_progress = time.monotonic()
 
     # ---- merge coefficients and what they become on the engine ---------------------------------------
@@ -180,7 +178,7 @@ class BatchingServer:
     async def _build(self, key: str) -> Prepared:
         fam, coefs = self.coefficients(key)
         t0 = time.perf_counter()
-        path = tempfile.mkdtemp(prefix="rayalign-serve-", dir=self._root)
+        path = scratch_dir("rayalign-serve-")
         try:
             if self.plan.kinds[fam.cfg.name] == "adapter":
                 nbytes = await asyncio.to_thread(self._write_adapter, fam, coefs, Path(path))

@@ -107,3 +107,9 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
         f.flush()
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new temporary directory in memory (tmpfs, /dev/shm) where there is one, else in the
+    system's temporary directory: adapters and weights handed to vLLM by path. The caller removes it."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
