@@ -469,8 +469,10 @@ def test_64_concurrent_streams_over_50_preferences_stream_early_with_no_5xx(serv
         assert chunks[-1]["usage"]["completion_tokens"] >= 1
         assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
     assert len({tuple(b.get("preference") or []) for b in bodies}) >= 50
-    streamed = [f / t for f, t, _ in results if f is not None]
-    assert len(streamed) > len(results) / 2 and float(np.median(streamed)) < 0.9, streamed  # text came early
+    # text came as it was generated: most answers arrived in several messages, the first before the end
+    content = [sum('"content": "' in e and '"content": ""' not in e for e in ev) for _, _, ev in results]
+    early = [f < t for f, t, _ in results if f is not None]
+    assert sum(n >= 2 for n in content) > len(results) / 2 and sum(early) > len(results) / 2, (content, early)
     stats = _replica_stats()
     assert stats["unfinished"] == 0 and stats["cache"]["entries"] >= 1
     # the config's engine options: 16 combined adapters a batch, 40 in host memory, rank 16 >= 4 + 8 + 4
@@ -532,7 +534,9 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
     assert {d.name for d in app.deployments} == {"ModelServer", "Ingress"}
     port = _free_port()
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(yaml.safe_dump(serve_config(quick_demo, port).model_dump()))
+    one_family = serve_config(quick_demo, port).model_dump()
+    one_family["families"] = [f for f in one_family["families"] if f["name"] == "demo-soup"]  # a quicker start
+    cfg.write_text(yaml.safe_dump(one_family))
     assert app_builder({"config": str(cfg)}) is not None
     with pytest.raises(ValueError, match="args.config"):
         app_builder({})
@@ -550,7 +554,7 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
                 time.sleep(1)
         assert ok, "rayalign serve did not become ready"
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
-        assert [m["id"] for m in models["data"]][2:4] == ["demo-soup", "demo-soup/terse"]
+        assert [m["id"] for m in models["data"]] == ["demo-soup", "demo-soup/terse"]
     finally:
         stop_process_group(proc, signal.SIGINT, timeout=60)
 
