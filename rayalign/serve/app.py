@@ -106,17 +106,14 @@ class ModelServer:
 
     async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
         """The whole answer: token ids, finish reason and log-probs per choice."""
-        n, info = sampling.get("n", 1), {}
-        ids: list[list[int]] = [[] for _ in range(n)]
-        lps: list[list[Any]] | None = [[] for _ in range(n)] if sampling.get("logprobs") is not None else None
-        finish: list[str | None] = [None] * n
-        async for deltas in self._deltas(prompt_ids, sampling, info):
-            for d in deltas:
-                ids[d.index] += d.token_ids
-                if lps is not None and d.logprobs is not None:
-                    lps[d.index] += d.logprobs
-                finish[d.index] = d.finish or finish[d.index]
-        return {"responses": ids, "finish": finish, "logprobs": lps, "info": info, "cache": self.server.cache.stats()}
+        from rayalign.serve.engine import Delta, merge_deltas
+
+        info: dict[str, Any] = {}
+        whole = {d.index: d for d in merge_deltas([steps async for steps in self._deltas(prompt_ids, sampling, info)])}
+        choices = [whole.get(i, Delta(i, [], [], None)) for i in range(sampling.get("n", 1))]
+        lps = [c.logprobs or [] for c in choices] if sampling.get("logprobs") is not None else None
+        return {"responses": [c.token_ids for c in choices], "finish": [c.finish for c in choices], "logprobs": lps,
+                "info": info, "cache": self.server.cache.stats()}
 
     async def stream(self, prompt_ids: list[int], sampling: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         """The choices' new tokens as they are generated; cancelling the call aborts the generation."""
