@@ -93,3 +93,30 @@ def test_plan_on_a_fake_multi_node_gpu_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_ray_train_workers_plan_from_the_scaling_config():
+    """train.workers / resources_per_worker / use_gpu / placement_strategy become the workers' bundles,
+    checked on node lists like any plan; bad scaling values are named at config load."""
+    from pydantic import ValidationError
+
+    from rayalign.config.schema import TrainScaling
+    from rayalign.distributed.train import worker_plan
+
+    gpu_nodes = [{"CPU": 96, "GPU": 8}] * 2
+    plan = worker_plan(TrainScaling(workers=16, use_gpu=True, resources_per_worker={"CPU": 10, "GPU": 1}), True)
+    assert plan.bundles == [{"CPU": 10, "GPU": 1}] * 16 and sorted(set(plan.check(gpu_nodes))) == [0, 1]
+    assert worker_plan(TrainScaling(workers=2), use_gpu=True).bundles == [{"CPU": 1, "GPU": 1}] * 2
+    assert worker_plan(TrainScaling(workers=2), use_gpu=False).bundles == [{"CPU": 1}] * 2
+    with pytest.raises(PlacementError, match="GPU: needs 17, cluster has 16"):
+        worker_plan(TrainScaling(workers=17, use_gpu=True), True).check(gpu_nodes)
+    spread = worker_plan(TrainScaling(workers=3, placement_strategy="STRICT_SPREAD"), False)
+    with pytest.raises(PlacementError, match="STRICT_SPREAD"):
+        spread.check([{"CPU": 4}] * 2)
+    assert not TrainScaling().enabled and TrainScaling(workers=2).enabled and TrainScaling(ray=True).enabled
+    with pytest.raises(ValidationError, match="'CPU' and 'GPU'"):
+        TrainScaling(resources_per_worker={"gpu": 1})
+    with pytest.raises(ValidationError, match="must be >= 0"):
+        TrainScaling(resources_per_worker={"CPU": -1})
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        TrainScaling(workers=0)

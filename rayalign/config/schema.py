@@ -111,6 +111,45 @@ class DataConfig(Strict):
     max_seq_len: int = Field(96, ge=8)
 
 
+class TrainScaling(Strict):
+    """Ray Train for the supervised stages (pretrain, sft, rm): the DeepSpeed learner runs in
+    `workers` TorchTrainer workers placed by Ray across the cluster's nodes, with checkpoints
+    reported to `storage_path` and restarts from the latest one. With workers = 1 and ray false
+    the stage runs in this process (or in the ranks of a torchrun that started it)."""
+
+    workers: int = Field(1, ge=1, description="Ray Train workers (one DeepSpeed rank each); > 1 uses Ray Train")
+    ray: bool = Field(False, description="use Ray Train even with one worker (checkpoints and restarts "
+                      "through Ray, on a node Ray picks)")
+    use_gpu: bool | None = Field(None, description="one GPU per worker; None: when the Ray cluster has GPUs")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources of each worker, e.g. {CPU: 8, GPU: 1} "
+        "(default: 1 CPU, and 1 GPU with use_gpu)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint "
+                              "before the run fails (-1: no limit)")
+    storage_path: str | None = Field(None, description="where Ray Train keeps checkpoints: a directory every "
+                                     "node sees (NFS) or s3:// / gs:// (default OUTPUT/ray-train)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in storage_path")
+    placement_timeout_s: float = Field(60.0, gt=0, description="how long to wait for the workers' resources")
+    ray_address: str | None = Field(None, description="join this Ray cluster; default: RAY_ADDRESS or a new "
+                                    "local Ray")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ray or self.workers > 1
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if x < 0}
+        if bad:
+            raise ValueError(f"resources_per_worker {bad}: amounts must be >= 0")
+        lower = [k for k in v if k.lower() in ("cpu", "gpu") and k not in ("CPU", "GPU")]
+        if lower:
+            raise ValueError(f"resources_per_worker {lower}: Ray's resource names are 'CPU' and 'GPU' (upper case)")
+        return v
+
+
 class PretrainConfig(Strict):
     model: str = Field(..., description="a model directory (e.g. a preset) with its tokenizer")
     output: str
@@ -119,6 +158,7 @@ class PretrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     max_seq_len: int = Field(96, ge=8)
     save_every: int = Field(100, ge=0, description="optimiser steps between resumable states (0: only at the end)")
+    train: TrainScaling = TrainScaling()
 
     @model_validator(mode="after")
     def _full(self) -> PretrainConfig:
@@ -138,6 +178,7 @@ class SFTConfig(Strict):
     learner: LearnerConfig = LearnerConfig(lr=1e-3, micro_batch_size=16)
     epochs: float = Field(2.0, gt=0)
     save_every: int = Field(100, ge=0, description="optimiser steps between resumable states (0: only at the end)")
+    train: TrainScaling = TrainScaling()
 
 
 class RMConfig(Strict):
@@ -151,6 +192,7 @@ class RMConfig(Strict):
     epochs: float = Field(2.0, gt=0)
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share of real preference data")
     save_every: int = Field(100, ge=0, description="optimiser steps between resumable states (0: only at the end)")
+    train: TrainScaling = TrainScaling()
 
 
 # ---- the distributed RL recipes (rayalign train ppo|salsa) ---------------------------------------

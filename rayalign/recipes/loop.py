@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch.distributed as dist
@@ -18,6 +18,32 @@ from tqdm.auto import tqdm
 from rayalign.config.schema import LearnerConfig
 from rayalign.learner.engine import Learner, LossFn
 from rayalign.utils.logging import RunLogger, log
+
+
+class TrainState(Protocol):
+    """Where a supervised run keeps its resumable state: a local directory here, Ray Train's
+    checkpoints under Ray Train (rayalign.distributed.train.RayTrainState)."""
+
+    where: str
+
+    def load(self, learner: Learner) -> dict[str, Any] | None:
+        """Load the latest state into `learner`; its client state, or None when there is none."""
+
+    def save(self, learner: Learner, client_state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Save the learner's whole training state with `client_state` (collective)."""
+
+
+class DirState:
+    """DeepSpeed checkpoints in one directory (shared by the ranks of a torchrun)."""
+
+    def __init__(self, directory: str | Path):
+        self.where = str(directory)
+
+    def load(self, learner: Learner) -> dict[str, Any] | None:
+        return learner.load_state(self.where)
+
+    def save(self, learner: Learner, client_state: dict[str, Any], metrics: dict[str, float]) -> None:
+        learner.save_state(self.where, client_state)
 
 
 def world() -> tuple[int, int]:
@@ -49,22 +75,22 @@ def fit(
     seed: int,
     logger: RunLogger,
     desc: str,
-    state_dir: str | Path | None = None,
+    state: TrainState | None = None,
     save_every: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """Train; returns the last step's metrics. With `state_dir`, resumes from the latest state in
-    it and saves state every `save_every` steps and at the end."""
+    """Train; returns the last step's metrics. With `state`, resumes from its latest state and
+    saves state every `save_every` steps and at the end."""
     cfg = learner.cfg
     rank, size = world()
     per_epoch, total = plan_steps(len(examples), cfg, epochs, size)
     per_rank = cfg.micro_batch_size * cfg.grad_accum
     start = 0
-    if state_dir is not None:
-        client = learner.load_state(state_dir)
+    if state is not None:
+        client = state.load(learner)
         if client is not None:
             start = int(client["step"])
-            log.info("%s: resuming from step %d/%d (%s)", desc, start, total, state_dir)
+            log.info("%s: resuming from step %d/%d (%s)", desc, start, total, state.where)
     metrics: dict[str, float] = {}
     bar = tqdm(range(start, total), desc=desc, initial=start, total=total, disable=rank != 0, leave=False)
     for step in bar:
@@ -77,6 +103,6 @@ def fit(
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if on_step is not None:
             on_step(step + 1, metrics)
-        if state_dir is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == total):
-            learner.save_state(state_dir, {"step": step + 1, "seed": seed})
+        if state is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == total):
+            state.save(learner, {"step": step + 1, "seed": seed, "total": total, "world_size": size}, metrics)
     return metrics

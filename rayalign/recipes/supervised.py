@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,13 @@ from rayalign.config.core import ConfigError, dump_config
 from rayalign.config.schema import DataConfig, PretrainConfig, RMConfig, SFTConfig, WorldConfig
 from rayalign.data.loaders import load_rows
 from rayalign.data.tokenize import collate_lm, collate_pairs, encode_pair, encode_sft, render
-from rayalign.learner.dist import barrier, is_rank0
+from rayalign.distributed.train import expect_output, run_stage, stage_session
+from rayalign.learner.dist import is_rank0
 from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.losses.reward import bradley_terry_loss, pair_accuracy, select_objective
 from rayalign.losses.sft import causal_lm_loss
 from rayalign.models.checkpoint import check_dir, is_local, load_causal_lm, load_reward_model, load_tokenizer
-from rayalign.recipes.loop import fit, plan_steps, world
+from rayalign.recipes.loop import TrainState, fit, plan_steps, world
 from rayalign.utils.io import atomic_write_text, claim_output
 from rayalign.utils.logging import RunLogger, log
 from rayalign.world import build
@@ -52,6 +52,17 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     if (out / "model").is_dir():
         log.info("pretrain: %s already finished; kept", out / "model")
         return out / "model"
+    with stage_session(cfg.train, out, resume, ["pretrain"]):
+        _write_config(out, cfg)
+        run_stage(cfg.train, partial(_pretrain, cfg), out, "pretrain", resume, "pretrain", cfg.learner.zero_stage)
+    return expect_output(out / "model", cfg.train)
+
+
+def _pretrain(cfg: PretrainConfig, state: TrainState) -> None:
+    """One rank's pre-training (here, or in a Ray Train worker)."""
+    out = Path(cfg.output)
+    if (out / "model").is_dir():  # a restarted worker group after the model was written
+        return
     seed_everything(cfg.learner.seed)
     model, tok = load_causal_lm(cfg.model)
     texts = list(build.pretrain_corpus(cfg.world.pretrain_docs, cfg.world.seed)["text"])
@@ -62,13 +73,10 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
     learner = Learner(model, cfg.learner, total)
     logger = RunLogger(out / "logs", "pretrain/", enabled=is_rank0())
-    _write_config(out, cfg)
     m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs,
-            cfg.learner.seed, logger, "pretrain", state_dir=out / "state", save_every=cfg.save_every)
+            cfg.learner.seed, logger, "pretrain", state=state, save_every=cfg.save_every)
     learner.save_pretrained(out / "model", tok, extra={"stage": "pretrain", "final_loss": m.get("loss")})
     logger.close()
-    _drop_state(out / "state")
-    return out / "model"
 
 
 # ---- SFT --------------------------------------------------------------------------------------
@@ -87,33 +95,40 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
     out = Path(cfg.output)
     template = chat_template(cfg, load_tokenizer(check_dir(cfg.base) if is_local(cfg.base) else cfg.base))
     claim_output(out, resume)
-    rows = sft_rows(cfg.data, cfg.world)
-    _write_config(out, cfg)
-    paths = []
-    for s in cfg.seeds:
-        target = out / f"sft-{s}"
-        paths.append(target)
-        if target.is_dir():
-            log.info("sft: seed %d already finished (%s); kept", s, target)
-            continue
-        seed_everything(s)
-        model, tok = load_causal_lm(cfg.base)
-        tok.chat_template = template
-        examples = [encode_sft(tok, r["messages"], cfg.data.max_seq_len) for r in rows]
-        examples = [e for e in examples if any(lbl != -100 for lbl in e["labels"])]
-        _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
-        model = wrap_lora(model, cfg.learner, cfg.base)
-        learner = Learner(model, cfg.learner.model_copy(update={"seed": s}), total)
-        logger = RunLogger(out / "logs" / f"sft-{s}", "sft/", enabled=is_rank0())
-        m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs, s,
-                logger, f"sft seed {s}", state_dir=out / "state" / f"sft-{s}", save_every=cfg.save_every)
-        learner.save_pretrained(target, tok, extra={"stage": "sft", "seed": s, "base": str(cfg.base),
-                                                    "final_loss": m.get("loss")})
-        logger.close()
-        _drop_state(out / "state" / f"sft-{s}")
-        del learner
-    _drop_state(out / "state")
+    paths = [out / f"sft-{s}" for s in cfg.seeds]
+    with stage_session(cfg.train, out, resume, [p.name for p in paths]):
+        _write_config(out, cfg)
+        for s, target in zip(cfg.seeds, paths):
+            if target.is_dir():
+                log.info("sft: seed %d already finished (%s); kept", s, target)
+                continue
+            run_stage(cfg.train, partial(_sft_seed, cfg, s, template), out, f"sft-{s}", resume, f"sft seed {s}",
+                      cfg.learner.zero_stage)
+            expect_output(target, cfg.train)
     return paths
+
+
+def _sft_seed(cfg: SFTConfig, s: int, template: str, state: TrainState) -> None:
+    """One rank's SFT of seed `s` (here, or in a Ray Train worker)."""
+    out = Path(cfg.output)
+    target = out / f"sft-{s}"
+    if target.is_dir():  # a restarted worker group after the model was written
+        return
+    seed_everything(s)
+    rows = sft_rows(cfg.data, cfg.world)
+    model, tok = load_causal_lm(cfg.base)
+    tok.chat_template = template
+    examples = [encode_sft(tok, r["messages"], cfg.data.max_seq_len) for r in rows]
+    examples = [e for e in examples if any(lbl != -100 for lbl in e["labels"])]
+    _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
+    model = wrap_lora(model, cfg.learner, cfg.base)
+    learner = Learner(model, cfg.learner.model_copy(update={"seed": s}), total)
+    logger = RunLogger(out / "logs" / f"sft-{s}", "sft/", enabled=is_rank0())
+    m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs, s,
+            logger, f"sft seed {s}", state=state, save_every=cfg.save_every)
+    learner.save_pretrained(target, tok, extra={"stage": "sft", "seed": s, "base": str(cfg.base),
+                                                "final_loss": m.get("loss")})
+    logger.close()
 
 
 def chat_template(cfg: SFTConfig, tok: Any) -> str:
@@ -207,6 +222,17 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     if (out / "model").is_dir():
         log.info("rm: %s already finished; kept", out / "model")
         return out / "model"
+    with stage_session(cfg.train, out, resume, ["rm"]):
+        _write_config(out, cfg)
+        run_stage(cfg.train, partial(_rm, cfg), out, "rm", resume, "reward model", cfg.learner.zero_stage)
+    return expect_output(out / "model", cfg.train)
+
+
+def _rm(cfg: RMConfig, state: TrainState) -> None:
+    """One rank's reward-model training and held-out evaluation (here, or in a Ray Train worker)."""
+    out = Path(cfg.output)
+    if (out / "model").is_dir():  # a restarted worker group after the model was written
+        return
     seed_everything(cfg.learner.seed)
     n_heads = 1 if cfg.objectives == "combined" else len(OBJECTIVES)
     model, tok = load_reward_model(cfg.base, num_labels=n_heads)
@@ -223,21 +249,18 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     model = wrap_lora(model, cfg.learner, cfg.base, heads=["score"])  # LoRA + a fully trained head
     learner = Learner(model, cfg.learner, total)
     logger = RunLogger(out / "logs", "rm/", enabled=is_rank0())
-    _write_config(out, cfg)
     fit(learner, train, partial(collate_pairs, pad_id=tok.pad_token_id), _rm_loss, cfg.epochs, cfg.learner.seed,
-        logger, "reward model", state_dir=out / "state", save_every=cfg.save_every)
+        logger, "reward model", state=state, save_every=cfg.save_every)
     acc = rm_accuracy(learner.module, held, tok.pad_token_id)
     logger.log(learner.global_step, {f"heldout_accuracy/{k}": v for k, v in acc.items()})
     log.info("reward model held-out pair accuracy: %s (%d pairs)", {k: round(v, 3) for k, v in acc.items()}, len(held))
     objectives = ["combined"] if n_heads == 1 else list(OBJECTIVES)
+    if is_rank0():  # before the model: a finished model means a finished run
+        atomic_write_text(out / "heldout_accuracy.json", json.dumps(acc, indent=2) + "\n")
     learner.save_pretrained(out / "model", tok, extra={
         "stage": "reward_model", "objectives": objectives, "weights": cfg.world.weights,
         "heldout_accuracy": acc, "heldout_pairs": len(held)})
     logger.close()
-    _drop_state(out / "state")
-    if is_rank0():
-        atomic_write_text(out / "heldout_accuracy.json", json.dumps(acc, indent=2) + "\n")
-    return out / "model"
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -249,10 +272,3 @@ def _world_size() -> int:
 def _write_config(out: Path, cfg: Any) -> None:
     if is_rank0():
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-
-
-def _drop_state(state: Path) -> None:
-    """Training state is only needed until the final model is written."""
-    barrier()
-    if is_rank0():
-        shutil.rmtree(state, ignore_errors=True)
