@@ -80,9 +80,7 @@ def test_every_recipe_job_is_a_valid_rayalign_command(recipe):
                 assert o in submit_help, f"{sid}: ray job submit has no option {o}"
         args = rayalign_args(entry)
         seen.add(args[0])
-        if entry[0] == "torchrun":  # the driver holds the GPUs its ranks use
-            n = entry[entry.index("--nproc_per_node") + 1]
-            assert opts[opts.index("--entrypoint-num-gpus") + 1] == n, sid
+        assert entry[0] == "python", f"{sid}: every stage is a rayalign driver (no torchrun)"
         if args[0] == "convert":
             assert args[1] == "pku-saferlhf", sid
             continue
@@ -91,6 +89,9 @@ def test_every_recipe_job_is_a_valid_rayalign_command(recipe):
             assert len(cfg.reference.models) >= 2, f"{sid}: SALSA needs a soup of SFT models"
         if args[0] == "train":
             assert cfg.rollout.engine == "vllm" and cfg.sync.kind == "collective" and cfg.learner.actor.zero_stage == 3
+        if args[0] in ("sft", "rm"):  # Ray Train workers take the GPUs, the driver none
+            assert cfg.train.workers == 16 and cfg.train.use_gpu and "--entrypoint-num-gpus" not in opts, sid
+            assert cfg.train.max_failures > 0 and cfg.learner.zero_stage == 3, sid
     assert {"train", "eval"} <= seen
 
 
@@ -121,6 +122,27 @@ def test_7b_resource_plans_fit_every_cluster():
             assert plan.totals()["GPU"] == 16, f"{sid}: the documented plan is 16 GPUs"
             homes = plan.check(nodes)  # raises PlacementError naming the bundle that does not fit
             assert sorted(set(homes)) == [0, 1], f"{sid} on {cluster}: expected both 8-GPU nodes in use"
+
+
+def _supervised_configs() -> dict:
+    return {sid: command_config(rayalign_args(entry)) for recipe in RECIPES
+            for sid, (_, entry) in recipe_jobs(recipe).items() if rayalign_args(entry)[0] in ("sft", "rm")}
+
+
+def test_7b_supervised_workers_fit_every_cluster_over_both_gpu_nodes():
+    from rayalign.distributed.train import worker_plan
+
+    configs = _supervised_configs()
+    assert {"salsa-7b-sft", "salsa-7b-rm", "bone-7b-rm-helpful", "bone-7b-rm-harmless"} <= set(configs)
+    for cluster, nodes in _gpu_nodes().items():
+        for sid, cfg in configs.items():
+            plan = worker_plan(cfg.train, use_gpu=True)
+            assert plan.totals()["GPU"] == 16, sid
+            homes = plan.check(nodes)
+            assert sorted(set(homes)) == [0, 1], f"{sid} on {cluster}: expected both 8-GPU nodes in use"
+            # the global batch of the recipe: micro x accumulation x workers
+            per_step = cfg.learner.micro_batch_size * cfg.learner.grad_accum * cfg.train.workers
+            assert per_step in (64, 128), sid
 
 
 def test_salsa_7b_plan_is_reserved_on_a_fake_two_node_gpu_cluster():

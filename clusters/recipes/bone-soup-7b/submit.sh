@@ -12,11 +12,9 @@ OUT=/mnt/shared/rayalign/bone-soup-7b
 # 1. helpful and harmless pairs, and the prompts, from PKU-SafeRLHF (CPU only)
 submit bone-7b-data -- python -m rayalign.cli convert pku-saferlhf $OUT/data --source PKU-Alignment/PKU-SafeRLHF
 
-# 2. one reward model per objective (8 GPUs each)
-submit bone-7b-rm-helpful --entrypoint-num-gpus 8 -- \
-  torchrun --nproc_per_node 8 -m rayalign.cli rm --config $R/rm.yaml
-submit bone-7b-rm-harmless --entrypoint-num-gpus 8 -- \
-  torchrun --nproc_per_node 8 -m rayalign.cli rm --config $R/rm.yaml data.source=$OUT/data/harmless.jsonl \
+# 2. one reward model per objective, each a Ray Train run of 16 GPU workers over two nodes
+submit bone-7b-rm-helpful -- python -m rayalign.cli rm --config $R/rm.yaml
+submit bone-7b-rm-harmless -- python -m rayalign.cli rm --config $R/rm.yaml data.source=$OUT/data/harmless.jsonl \
   output=$OUT/rm-harmless
 
 # 3. Bone Soup backbones on h = B r (beta 0.7), and the Rewarded Soups experts on r_i alone; 16 GPUs each

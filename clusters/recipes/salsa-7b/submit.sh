@@ -10,13 +10,12 @@ source "$(dirname "$0")/../submit-lib.sh"
 R=clusters/recipes/salsa-7b
 OUT=/mnt/shared/rayalign/salsa-7b
 
-# 1. two SFT seeds on one 8-GPU node (torchrun ranks, DeepSpeed ZeRO-3)
-submit salsa-7b-sft --entrypoint-num-gpus 8 -- \
-  torchrun --nproc_per_node 8 -m rayalign.cli sft --config $R/sft.yaml
+# 1. two SFT seeds, each a Ray Train run of 16 GPU workers over two nodes (DeepSpeed ZeRO-3); the
+#    driver holds no GPU, the workers take theirs
+submit salsa-7b-sft -- python -m rayalign.cli sft --config $R/sft.yaml
 
-# 2. the reward model from SFT-0 on UltraFeedback-binarized
-submit salsa-7b-rm --entrypoint-num-gpus 8 -- \
-  torchrun --nproc_per_node 8 -m rayalign.cli rm --config $R/rm.yaml
+# 2. the reward model from SFT-0 on UltraFeedback-binarized, the same way
+submit salsa-7b-rm -- python -m rayalign.cli rm --config $R/rm.yaml
 
 # 3. PPO: pi_ref = SFT-0. 16 GPUs: 8 learner ranks, 4 vLLM engines, 2 reference, 2 reward workers
 submit salsa-7b-ppo -- python -m rayalign.cli train ppo --config $R/ppo.yaml
