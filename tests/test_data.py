@@ -86,8 +86,11 @@ def test_chat_template_masks_only_assistant_turns(tokenizer_and_preset):
 def test_sft_from_a_base_without_chat_template(tokenizer_and_preset, tmp_path):
     """A base model such as Llama-2-7b-hf has no chat template: SFT says so before writing
     anything, takes the recipes' template file, checks it renders, and saves it with the model."""
+    from rayalign.config.core import ConfigError, load_config
+    from rayalign.config.schema import SFTConfig
     from rayalign.models.checkpoint import load_tokenizer
-    from tests.conftest import ROOT, run_cli
+    from rayalign.recipes.supervised import run_sft
+    from tests.conftest import ROOT
 
     tok, preset = tokenizer_and_preset
     base = tmp_path / "base"
@@ -97,16 +100,20 @@ def test_sft_from_a_base_without_chat_template(tokenizer_and_preset, tmp_path):
     bare.save_pretrained(base)
     (base / "chat_template.jinja").unlink(missing_ok=True)
     data = _jsonl(tmp_path / "chat.jsonl", [ULTRACHAT_ROW] * 8)
-    args = ["sft", f"base={base}", f"data.source={data}", "seeds=[0]", "epochs=1", "learner.micro_batch_size=4"]
-    proc = run_cli(*args, f"output={tmp_path / 'a'}", check=False)
-    assert proc.returncode == 2 and "has no chat template; set chat_template: FILE" in proc.stderr
+
+    def cfg(*extra: str) -> SFTConfig:
+        return load_config(SFTConfig, None, [f"base={base}", f"data.source={data}", "seeds=[0]", "epochs=1",
+                                             "learner.micro_batch_size=4", f"output={tmp_path / 'a'}", *extra])
+
+    with pytest.raises(ConfigError, match="has no chat template; set chat_template: FILE"):
+        run_sft(cfg())
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m.content }")
-    proc = run_cli(*args, f"output={tmp_path / 'a'}", f"chat_template={broken}", check=False)
-    assert proc.returncode == 2 and "does not render a conversation" in proc.stderr
+    with pytest.raises(ConfigError, match="does not render a conversation"):
+        run_sft(cfg(f"chat_template={broken}"))
     assert not (tmp_path / "a").exists()
     template = ROOT / "clusters/recipes/salsa-7b/chat_template.jinja"
-    run_cli(*args, f"output={tmp_path / 'a'}", f"chat_template={template}")
+    run_sft(cfg(f"chat_template={template}"))
     saved = load_tokenizer(tmp_path / "a" / "sft-0")
     assert saved.chat_template == template.read_text()
     enc = encode_sft(saved, ULTRACHAT_ROW["messages"], 256)
