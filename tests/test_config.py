@@ -85,3 +85,53 @@ def test_vllm_engine_options_for_rollout_and_serve():
         ServeConfig.model_validate({**serve, "max_cpu_loras": 4})
     with pytest.raises(ValueError, match="weights"):
         ServeConfig.model_validate({**serve, "families": [{**fam, "weights": "lora"}]})
+
+
+def test_a_partial_section_keeps_the_sections_own_defaults(tmp_path):
+    """RLConfig's actor defaults to LearnerConfig(lr=1e-5, ...): setting one of its keys, by
+    override or YAML, must not reset the others to LearnerConfig's class defaults (lr 1e-3)."""
+    from rayalign.config.schema import RLConfig, RMConfig
+
+    cfg = load_config(RLConfig, None, ["policy=p", "output=o", "learner.actor.micro_batch_size=8",
+                                       "learner.critic.micro_batch_size=8", "learner.critic.zero_stage=2"])
+    assert (cfg.learner.actor.lr, cfg.learner.actor.micro_batch_size) == (1e-5, 8)
+    assert (cfg.learner.critic.lr, cfg.learner.critic.zero_stage) == (1e-4, 2)
+    path = tmp_path / "rm.yaml"
+    path.write_text("base: b\noutput: o\nlearner: {grad_accum: 2}\n")
+    rm = load_config(RMConfig, path)
+    assert (rm.learner.lr, rm.learner.grad_accum) == (5e-4, 2)
+    assert load_config(RLConfig, None, ["policy=p", "output=o", "learner.actor.lr=3e-4"]).learner.actor.lr == 3e-4
+
+
+def test_reference_dtype_follows_the_learner_unless_asked():
+    from rayalign.config.schema import reference_dtype
+
+    assert reference_dtype("auto", "fp32") == "float32"  # not bfloat16 on a GPU: KL 0 at step 0
+    assert reference_dtype("auto", "bf16") == "bfloat16"
+    assert reference_dtype("float16", "fp32") == "float16"
+
+
+def test_estimator_names_come_from_the_registry_and_decide_critic_and_kl():
+    from rayalign.config.schema import PPOAlgoConfig, RLConfig
+    from rayalign.losses.advantages import ADVANTAGES
+
+    assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
+    with pytest.raises(ConfigError, match="unknown advantage estimator 'ppo2'; registered: dr_grpo, gae, grpo"):
+        load_config(RLConfig, None, ["policy=p", "output=o", "algo.estimator=ppo2"])
+    assert PPOAlgoConfig().needs_critic and not PPOAlgoConfig().kl_in_loss  # PPO: critic, KL in the reward
+    assert PPOAlgoConfig(estimator="grpo").kl_in_loss and not PPOAlgoConfig(estimator="grpo").needs_critic
+    assert not PPOAlgoConfig(estimator="grpo", kl_mode="reward").kl_in_loss
+    assert not PPOAlgoConfig(estimator="rloo").kl_in_loss and PPOAlgoConfig(estimator="gae", kl_mode="loss").kl_in_loss
+    with pytest.raises(ConfigError, match="'grpo' compares the samples of each prompt: rollout.n must be >= 2"):
+        load_config(RLConfig, None, ["policy=p", "output=o", "algo.estimator=grpo", "rollout.n=1"])
+    # no critic: its micro-batch does not have to divide the samples
+    load_config(RLConfig, None, ["policy=p", "output=o", "algo.estimator=rloo", "rollout.n=2", "prompts_per_step=4",
+                                 "learner.actor.micro_batch_size=8", "learner.critic.micro_batch_size=16"])
+
+
+def test_cli_train_methods_are_the_registrys():
+    from rayalign.cli import PREFERENCE_METHODS, Method
+    from rayalign.losses.advantages import ADVANTAGES
+
+    critic_free = {name for name in ADVANTAGES if name != "gae"}
+    assert {m.value for m in Method} == {"ppo", "salsa"} | critic_free | set(PREFERENCE_METHODS)

@@ -134,7 +134,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = apply_overrides(data, overrides)
         source += " + overrides"
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(with_section_defaults(cls, data))
     except ValidationError as err:
         raise ConfigError(_format(cls, err, source)) from None
 
@@ -143,6 +143,25 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_section_defaults(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with every section it sets laid over that section's default values, not its class's:
+    where `RLConfig.learner.actor` defaults to `LearnerConfig(lr=1e-5)`, the override
+    `learner.actor.micro_batch_size=8` keeps lr 1e-5 instead of getting `LearnerConfig`'s own 1e-3."""
+    out = dict(data)
+    for name, field in cls.model_fields.items():
+        value = out.get(name)
+        if not isinstance(value, dict):
+            continue
+        default = field.get_default(call_default_factory=True)
+        sub = _model_in(field.annotation)
+        if isinstance(default, BaseModel):
+            out[name] = _deep_merge(default.model_dump(exclude_unset=True),
+                                    with_section_defaults(type(default), value))
+        elif sub is not None:
+            out[name] = with_section_defaults(sub, value)
     return out
 
 
