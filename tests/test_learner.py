@@ -75,3 +75,20 @@ def test_lora_on_two_ranks_matches_one_rank(stage, resume_at, lora_reference, tm
     loaded = {k.replace(".default", ""): v for k, v in peft.state_dict().items() if "lora_" in k}
     for k, v in got["adapter"].items():
         assert torch.equal(loaded[k], v), k
+
+
+def test_lr_factor_warms_up_then_decays_or_stays_constant():
+    """The multiplier DeepSpeed's scheduler applies after optimiser step k (hand-computed)."""
+    from rayalign.config.schema import LearnerConfig
+    from rayalign.learner.engine import has_schedule, lr_factor
+
+    warm = LearnerConfig(warmup_steps=4, lr_schedule="constant")
+    assert [lr_factor(warm, 100)(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor(warm, None)(k) for k in (0, 3, 50)] == [0.25, 1.0, 1.0]
+    cos = LearnerConfig(warmup_steps=2, lr_schedule="cosine")
+    # after warm-up t = (k - 2) / (6 - 2): 0.1 + 0.9 * (1 + cos(pi t)) / 2
+    assert [lr_factor(cos, 6)(k) for k in range(7)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + 2 ** -0.5), 0.55, 0.1 + 0.45 * (1 - 2 ** -0.5), 0.1])
+    assert lr_factor(cos, None)(5) == 1.0  # no known length: no decay
+    assert has_schedule(warm, None) and has_schedule(LearnerConfig(), 10)
+    assert not has_schedule(LearnerConfig(lr_schedule="constant"), 10) and not has_schedule(LearnerConfig(), None)

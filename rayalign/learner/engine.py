@@ -60,6 +60,18 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int]
     return f
 
 
+def has_schedule(cfg: LearnerConfig, total_steps: int | None) -> bool:
+    """A scheduler is needed for a warm-up, or for a cosine decay over a known number of steps."""
+    return cfg.warmup_steps > 0 or (cfg.lr_schedule == "cosine" and bool(total_steps))
+
+
+def lr_factor(cfg: LearnerConfig, total_steps: int | None) -> Callable[[int], float]:
+    """lr multiplier per optimiser step: linear warm-up, then cosine to 10% over `total_steps`
+    (when the run knows them and asks for it) or constant."""
+    decay_over = (total_steps or 0) if cfg.lr_schedule == "cosine" else 0
+    return warmup_cosine(cfg.warmup_steps, decay_over)
+
+
 def wrap_lora(model: torch.nn.Module, cfg: LearnerConfig, base: str | None,
               heads: list[str] | None = None) -> torch.nn.Module:
     """With cfg.lora.r > 0: a PeftModel whose adapter (and `heads`, trained in full) is all that
@@ -77,9 +89,8 @@ class Learner:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ValueError(f"learner.gradient_checkpointing: {type(model).__name__} does not support it")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        total = total_steps or 0
-        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))) \
-            if total else None
+        sched = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total_steps))) \
+            if has_schedule(cfg, total_steps) else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg), lr_scheduler=sched)
