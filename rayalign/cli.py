@@ -186,9 +186,19 @@ def merge(
     typer.echo(f"coefficients on {report.inputs}: {[round(c, 6) for c in report.coefficients]}")
 
 
+PREFERENCE_METHODS = ("spo", "dpo", "ipo")  # rayalign.recipes.preference; the others are rayalign.recipes.ppo's
+
+
 class Method(str, Enum):
+    """The methods of `rayalign train`: rayalign.recipes.ppo.METHODS (ppo, salsa and one per critic-free
+    estimator of rayalign.losses.advantages; tests check they agree) and PREFERENCE_METHODS."""
+
     ppo = "ppo"
     salsa = "salsa"
+    grpo = "grpo"
+    dr_grpo = "dr_grpo"
+    rloo = "rloo"
+    reinforce_pp = "reinforce_pp"
     spo = "spo"
     dpo = "dpo"
     ipo = "ipo"
@@ -197,8 +207,10 @@ class Method(str, Enum):
 @app.command()
 def train(
     method: Annotated[Method, typer.Argument(
-        help="ppo: PPO with the SFT model as reference; salsa: PPO with a soup reference; spo: soft preference "
-             "optimisation with an online global KL; dpo / ipo: the offline baselines on the same pairs")],
+        help="ppo: PPO with the SFT model as reference; salsa: PPO with a soup reference; grpo / dr_grpo / rloo "
+             "/ reinforce_pp: critic-free estimators, with any reference (reference.models=[A,B] for a soup); "
+             "spo: soft preference optimisation with an online global KL; dpo / ipo: the offline baselines on the "
+             "same pairs")],
     config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False,
 ) -> None:
     """RLHF and preference optimisation on Ray (rollout, reward, reference and learner actors). Starts
@@ -206,9 +218,13 @@ def train(
     from rayalign.config.schema import PrefConfig, RLConfig
     from rayalign.distributed.placement import PlacementError
 
-    if method.value in ("ppo", "salsa"):
+    if method.value not in PREFERENCE_METHODS:
+        from rayalign.recipes.ppo import ESTIMATOR_METHODS
         from rayalign.recipes.ppo import run_rl as run
-        cfg = _run(load_config, RLConfig, config, overrides or [])
+        # `train grpo` is `algo.estimator=grpo`, validated with the config (a later override still wins,
+        # and run_rl then names the conflict)
+        implied = [f"algo.estimator={method.value}"] if method.value in ESTIMATOR_METHODS else []
+        cfg = _run(load_config, RLConfig, config, implied + (overrides or []))
     else:
         from rayalign.recipes.preference import run_preference as run
         cfg = _run(load_config, PrefConfig, config, overrides or [])

@@ -111,3 +111,86 @@ def test_kl_hack_monitor_alarms_after_patience_and_resumes_its_state():
     resumed = KLHackMonitor(MonitorConfig(collapse_ratio=0.5, patience=2))
     resumed.load_state_dict(mon.state_dict())
     assert resumed.update(8, 3, kl=1.0) is not None and resumed.alarms == 3  # the streak carried over
+
+
+# ---- the advantage estimators (rayalign.losses.advantages), against hand-computed values ------------
+
+def _inputs(scores, groups, mask=None, **kw):
+    from rayalign.losses.advantages import AdvantageInputs
+
+    s = torch.tensor(scores, dtype=torch.float32)
+    m = torch.ones(len(scores), 2) if mask is None else torch.tensor(mask, dtype=torch.float32)
+    return AdvantageInputs(scores=s, token_kl=kw.pop("token_kl", torch.zeros_like(m)), mask=m,
+                           groups=torch.tensor(groups), **kw)
+
+
+def test_group_estimators_on_two_prompts_by_hand():
+    from rayalign.losses.advantages import ADVANTAGES
+
+    x = _inputs([1.0, 0.0, 2.0, 4.0], [0, 0, 1, 1])
+    s = 0.5 / (0.5 ** 0.5)  # group {1, 0}: mean 0.5, unbiased std sqrt(0.5); group {2, 4}: mean 3, std sqrt(2)
+    adv, ret = ADVANTAGES["grpo"].fn(x)
+    assert ret is None and adv[:, 0].tolist() == pytest.approx([s, -s, -s, s], abs=1e-5)
+    assert torch.equal(adv[:, 0], adv[:, 1])  # the same advantage on every token of a sample
+    assert ADVANTAGES["dr_grpo"].fn(x)[0][:, 0].tolist() == pytest.approx([0.5, -0.5, -1.0, 1.0])
+    assert ADVANTAGES["rloo"].fn(x)[0][:, 0].tolist() == pytest.approx([1.0, -1.0, -2.0, 2.0])
+    three = _inputs([3.0, 0.0, 0.0], [7, 7, 7])  # mean 1, std sqrt((4 + 1 + 1) / 2) = sqrt(3)
+    assert ADVANTAGES["grpo"].fn(three)[0][:, 0].tolist() == pytest.approx([2 / 3 ** .5, -1 / 3 ** .5, -1 / 3 ** .5],
+                                                                         abs=1e-5)
+    assert ADVANTAGES["rloo"].fn(three)[0][:, 0].tolist() == pytest.approx([3.0, -1.5, -1.5])
+
+
+def test_kl_in_the_reward_and_padding():
+    from rayalign.losses.advantages import ADVANTAGES
+
+    kl = torch.tensor([[0.2, 0.4], [0.6, 0.0]])
+    x = _inputs([1.0, 0.0], [0, 0], mask=[[1, 1], [1, 0]], token_kl=kl, beta=0.5, kl_in_reward=True)
+    adv = ADVANTAGES["dr_grpo"].fn(x)[0]  # r = [1 - 0.5 * (0.2 + 0.4), 0 - 0.5 * 0.6] = [0.7, -0.3]: mean 0.2
+    assert adv.flatten().tolist() == pytest.approx([0.5, 0.5, -0.5, 0.0])  # nothing on padding
+
+
+def test_reinforce_pp_with_baseline_by_hand():
+    from statistics import mean, pstdev
+
+    from rayalign.losses.advantages import ADVANTAGES
+
+    kl = torch.tensor([[0.2, 0.4], [0.6, 0.0]])
+    x = _inputs([1.0, 0.0], [0, 0], mask=[[1, 1], [1, 0]], token_kl=kl, beta=1.0)
+    adv, _ = ADVANTAGES["reinforce_pp"].fn(x)
+    # centred scores 0.5, -0.5 on the last tokens; rewards -kl: sample 0 [-0.2, -0.4 + 0.5], sample 1 [-0.6 - 0.5]
+    returns = [-0.2 + 0.1, 0.1, -1.1]  # returns-to-go (gamma 1) on the three real tokens
+    m, sd = mean(returns), pstdev(returns)
+    want = [(r - m) / sd for r in returns]
+    assert [adv[0, 0].item(), adv[0, 1].item(), adv[1, 0].item()] == pytest.approx(want, abs=1e-5)
+    assert adv[1, 1].item() == 0.0
+
+
+def test_gae_estimator_is_ppos_and_needs_values():
+    from rayalign.losses.advantages import ADVANTAGES, AdvantageInputs, advantage_estimator
+    from rayalign.losses.ppo import gae, token_rewards
+
+    m = torch.ones(2, 3)
+    kl, v, s = torch.full((2, 3), 0.1), torch.tensor([[0.5, 0.2, 0.1], [0.0, 0.3, 0.4]]), torch.tensor([1.0, -1.0])
+    adv, ret = ADVANTAGES["gae"].fn(AdvantageInputs(scores=s, token_kl=kl, mask=m, beta=0.2, values=v, lam=0.9))
+    want_adv, want_ret = gae(token_rewards(s, kl, 0.2, m), v, m, 1.0, 0.9)
+    assert torch.allclose(adv, want_adv) and torch.allclose(ret, want_ret)
+    assert ADVANTAGES["gae"].needs_values and not any(e.needs_values for k, e in ADVANTAGES.items() if k != "gae")
+    with pytest.raises(ValueError, match="gae needs the critic"):
+        ADVANTAGES["gae"].fn(AdvantageInputs(scores=s, token_kl=kl, mask=m))
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo2'; registered: dr_grpo, gae, grpo"):
+        advantage_estimator("ppo2")
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        ADVANTAGES["grpo"].fn(_inputs([1.0, 2.0], [0, 1]))
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        ADVANTAGES["rloo"].fn(_inputs([1.0, 2.0], [0, 1]))
+
+
+def test_policy_loss_token_sum_divides_by_samples_times_the_constant():
+    """Dr. GRPO (arXiv 2503.20783): sum_i sum_t A_it rho_it / (G L) instead of a token mean. With
+    rho = 1: sample 0 has 2 tokens with A = 1, sample 1 one token with A = -1 (and padding)."""
+    logp = torch.zeros(2, 2)
+    adv, mask = torch.tensor([[1.0, 1.0], [-1.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    mean_loss, _ = policy_loss(logp, logp, adv, mask)
+    sum_loss, _ = policy_loss(logp, logp, adv, mask, token_sum_norm=4)
+    assert mean_loss.item() == pytest.approx(-(1 + 1 - 1) / 3)
+    assert sum_loss.item() == pytest.approx(-(1 + 1 - 1) / (2 * 4))

@@ -88,7 +88,7 @@ def _args(demo, out):
     sft0 = demo / "sft" / "sft-0"
     return ["train", "spo", "--config", "spo", f"policy={sft0}", f"output={out}", "data.limit=96",
             "pairs_per_step=16", "save_every=2", "algo.kl_every=4", "algo.kl_prompts=8", "rollout.max_new_tokens=16",
-            "learner.actor.micro_batch_size=8"]
+            "learner.actor.micro_batch_size=8", "learner.actor.warmup_steps=4"]
 
 
 def test_spo_killed_mid_run_resumes_with_the_same_pairs_and_samples(quick_demo, tmp_path):
@@ -104,4 +104,6 @@ def test_spo_killed_mid_run_resumes_with_the_same_pairs_and_samples(quick_demo, 
     assert [int(r["data/first_pair"]) for r in rows] == expected and len(set(expected)) > 1
     # steps 3 and 4 continue the refresh cycle begun at step 1 with its saved samples; step 5 refreshes
     assert [r.get("kl/refreshed", 0.0) for r in rows] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    # 4 steps of warm-up to the spo config's lr 3e-4, then constant, across the resume
+    assert [r["lr"] for r in rows] == pytest.approx([3e-4 * min(k + 1, 4) / 4 for k in range(1, 7)])
     assert (out / "policy" / "model.safetensors").is_file() and not (out / "state").exists()

@@ -4,6 +4,7 @@ rollout actor killed and brought back, and a whole SALSA run that survives kille
 
 import json
 
+import numpy as np
 import ray
 
 from rayalign.config.schema import RLConfig
@@ -111,3 +112,30 @@ def test_salsa_run_survives_killed_rollout_and_reward_actors(quick_demo, local_r
     assert summary["iterations"] == 3 and summary["engine"] == "vllm" and summary["restarts"] == 2
     assert len(summary["reference"]["models"]) == 2
     assert not (out / "state").exists()
+
+
+def test_grpo_with_a_soup_reference_trains_the_policy_without_a_critic(quick_demo, local_ray, tmp_path):
+    """GRPO (group-normalised advantages) with the KL to a soup of the two SFT seeds as a k3 loss
+    term, on 2 learner ranks: no value model is built, trained or saved."""
+    from safetensors.numpy import load_file
+
+    from rayalign.recipes.ppo import run_rl
+
+    sft0 = quick_demo / "sft" / "sft-0"
+    out = tmp_path / "grpo"
+    cfg = _rl_cfg(quick_demo, out, steps=2, prompts_per_step=8, rollout={"max_new_tokens": 16, "n": 2},
+                  algo={"estimator": "grpo", "beta": 0.1})
+    cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={
+        "actor": cfg.learner.actor.model_copy(update={"lr": 1e-3})})})
+    policy = run_rl(cfg, "grpo")
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not [k for r in rows for k in r if k.startswith("value/")]  # no critic anywhere
+    assert all(np.isfinite(r["policy/kl_loss"]) and r["policy/kl_loss"] >= 0 for r in rows)  # k3 >= 0
+    assert abs(rows[0]["kl/sequence"]) > 1e-6  # pi_ref is the soup: with the policy's own start it is 0 at step 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "grpo" and len(summary["reference"]["models"]) == 2
+    config = (out / "config.yaml").read_text()
+    assert "estimator: grpo" in config and "critic: null" in config
+    before, after = load_file(str(sft0 / "model.safetensors")), load_file(str(policy / "model.safetensors"))
+    assert any(not np.allclose(before[k], after[k]) for k in before)  # it trained

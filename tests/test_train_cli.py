@@ -5,6 +5,7 @@ run is killed (SIGKILL to its whole process group) after its second saved iterat
 import json
 
 import numpy as np
+import pytest
 
 from rayalign.recipes.loop import batch_indices
 from rayalign.world.build import split_prompts
@@ -18,7 +19,7 @@ def _args(demo, out, *extra: str) -> list[str]:
     return ["train", "salsa", "--config", "salsa", f"policy={sft0}", f"reference.models=[{sft0},{sft1}]",
             f"output={out}", "steps=4", "save_every=2", f"prompts_per_step={PROMPTS_PER_STEP}", "rollout.n=1",
             "rollout.max_new_tokens=16", "learner.actor.micro_batch_size=8", "learner.critic.micro_batch_size=8",
-            *extra]
+            "learner.actor.warmup_steps=8", *extra]
 
 
 def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
@@ -38,6 +39,11 @@ def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
     assert summary["iterations"] == 4 and (out / "policy" / "model.safetensors").is_file()
     assert not (out / "state").exists()
     assert np.isfinite([r["kl/sequence"] for r in rows]).all()
+    # the actor warms up over its 8 optimiser steps (2 an iteration), across the resume: each row is
+    # the mean lr after its two steps, (k + 1) / 8 of 5e-5 after step k (the salsa config's lr)
+    expected_lr = [5e-5 * (min(2 * i + 1, 8) + min(2 * i, 8)) / 16 for i in range(1, 5)]
+    assert [r["policy/lr"] for r in rows] == pytest.approx(expected_lr)
+    assert [r["value/lr"] for r in rows] == pytest.approx([5e-4] * 4)  # no warm-up, constant
 
 
 def test_salsa_needs_two_reference_models(quick_demo, tmp_path):
@@ -53,3 +59,17 @@ def test_unknown_builtin_config_is_named(tmp_path):
     proc = run_cli("train", "ppo", "--config", "nosuch", "policy=x", check=False)
     assert proc.returncode != 0
     assert "config file not found: nosuch" in proc.stderr and "salsa" in proc.stderr
+
+
+
+def test_critic_free_methods_check_their_samples_per_prompt(quick_demo, tmp_path):
+    """`rayalign train rloo` is `algo.estimator=rloo`: one sample per prompt has no baseline, said
+    before anything starts; and the method and an explicit other estimator conflict by name."""
+    sft0 = quick_demo / "sft" / "sft-0"
+    proc = run_cli("train", "rloo", "--config", "ppo", f"policy={sft0}", f"output={tmp_path / 'rloo'}",
+                   "rollout.n=1", check=False)
+    assert proc.returncode == 2 and "rollout.n must be >= 2" in proc.stderr and not (tmp_path / "rloo").exists()
+    proc = run_cli("train", "grpo", "--config", "ppo", f"policy={sft0}", f"output={tmp_path / 'g'}",
+                   "algo.estimator=rloo", check=False)
+    assert proc.returncode == 2 and "rayalign train grpo uses algo.estimator='grpo'" in proc.stderr
+    assert not (tmp_path / "g").exists()

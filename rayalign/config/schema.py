@@ -11,7 +11,16 @@ from rayalign.config.core import Strict
 from rayalign.world.gold import OBJECTIVES
 
 # dtype of an inference-only model (reference, reward): 'auto' = bfloat16 on a GPU, float32 on the CPU
+# for a reward model; for a reference, the learner's precision (reference_dtype)
 InferenceDType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def reference_dtype(dtype: str, learner_precision: str) -> str:
+    """pi_ref's dtype: as asked, or with 'auto' the learner's own. A bfloat16 reference under a
+    float32 learner makes PPO's KL non-zero at step 0 and gives k3 a positive bias."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if learner_precision == "bf16" else "float32"
 
 
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -63,7 +72,9 @@ class LearnerConfig(Strict):
     offload_params: bool = Field(False, description="ZeRO-3 only: parameters live on the CPU")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="optimiser steps of linear warm-up from lr / warmup_steps")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after warm-up: cosine decay to 10% of lr over the run's optimiser steps, or constant")
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -286,7 +297,8 @@ class ReferenceConfig(Strict):
                               description="empty: the policy's starting checkpoint (plain PPO)")
     weights: list[float] | None = Field(None, description="soup weights; default uniform")
     dtype: InferenceDType = Field(
-        "auto", description="'auto': bfloat16 on a GPU, float32 on the CPU (the soup is merged in float32)")
+        "auto", description="'auto': the learner's precision (float32 for fp32, bfloat16 for bf16), so that "
+        "pi_ref and the policy agree at step 0; the soup is merged in float32")
     workers: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=0.25)
     max_restarts: int = Field(3, ge=0)
@@ -297,8 +309,8 @@ class LearnerGroupConfig(Strict):
 
     ranks: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=1.0)
-    actor: LearnerConfig = LearnerConfig(lr=1e-5, micro_batch_size=16)
-    critic: LearnerConfig = LearnerConfig(lr=1e-4, micro_batch_size=16)
+    actor: LearnerConfig = LearnerConfig(lr=1e-5, micro_batch_size=16, lr_schedule="constant")
+    critic: LearnerConfig = LearnerConfig(lr=1e-4, micro_batch_size=16, lr_schedule="constant")
 
 
 class PlacementConfig(Strict):
@@ -310,8 +322,15 @@ class PlacementConfig(Strict):
 
 
 class PPOAlgoConfig(Strict):
-    """SPEC section 1, PPO. SALSA changes nothing here; it changes the reference."""
+    """The policy-gradient algorithm of `rayalign train`: PPO's clipped surrogate with an advantage
+    estimator from rayalign.losses.advantages (GAE with a critic, or a critic-free one). SALSA
+    changes nothing here; it changes the reference."""
 
+    estimator: str = Field("gae", description="advantage estimator (rayalign.losses.advantages.ADVANTAGES): "
+                           "gae (PPO, trains a critic), grpo, dr_grpo, rloo, reinforce_pp (critic-free)")
+    kl_mode: Literal["auto", "reward", "loss"] = Field(
+        "auto", description="where -beta KL(pi || pi_ref) enters: per-token in the reward (kl_estimator), or as "
+        "a k3 loss term on the policy; auto: the estimator's paper (loss for grpo / dr_grpo, else reward)")
     beta: float = Field(0.05, ge=0, description="KL coefficient (initial value when kl_target is set)")
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_target: float | None = Field(None, gt=0, description="adaptive KL (Ziegler et al.); None = fixed beta")
@@ -325,7 +344,31 @@ class PPOAlgoConfig(Strict):
     reward_norm: Literal["none", "batch", "running"] = Field(
         "running", description="normalise scores: by batch statistics or running statistics")
     reward_clip: float | None = Field(5.0, gt=0)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="gae: whiten the advantages over the batch (the "
+                                    "critic-free estimators normalise in their own way)")
+    token_sum_norm: int | None = Field(None, ge=1, description="dr_grpo: the constant its token-sum loss is "
+                                       "divided by (default rollout.max_new_tokens)")
+
+    @field_validator("estimator")
+    @classmethod
+    def _estimator(cls, v: str) -> str:
+        from rayalign.losses.advantages import ADVANTAGES
+
+        if v not in ADVANTAGES:
+            raise ValueError(f"unknown advantage estimator {v!r}; registered: {', '.join(sorted(ADVANTAGES))}")
+        return v
+
+    @property
+    def kl_in_loss(self) -> bool:
+        from rayalign.losses.advantages import ADVANTAGES
+
+        return ADVANTAGES[self.estimator].kl_in_loss if self.kl_mode == "auto" else self.kl_mode == "loss"
+
+    @property
+    def needs_critic(self) -> bool:
+        from rayalign.losses.advantages import ADVANTAGES
+
+        return ADVANTAGES[self.estimator].needs_values
 
 
 class MonitorConfig(Strict):
@@ -375,6 +418,15 @@ class RLConfig(Strict):
         return self.learner.actor.lora.enabled and \
             reference_is_policy(self.policy, self.reference.models or [self.policy], self.reference.weights)
 
+    @property
+    def optimizer_steps(self) -> int:
+        """The actor's (and critic's) optimiser steps over the whole run: every iteration makes
+        algo.epochs passes over prompts_per_step * rollout.n samples in mini-batches of
+        micro_batch_size * grad_accum per rank."""
+        lc = self.learner.actor
+        mini = lc.micro_batch_size * lc.grad_accum * self.learner.ranks
+        return self.steps * self.algo.epochs * max(1, self.prompts_per_step * self.rollout.n // mini)
+
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:
         if self.learner.actor.lora.enabled and self.rollout.engine != "hf":  # the adapter vLLM must serve
@@ -384,14 +436,21 @@ class RLConfig(Strict):
         if self.reference.weights is not None and len(self.reference.weights) != len(self.reference.models):
             raise ValueError(f"reference.weights has {len(self.reference.weights)} entries for "
                              f"{len(self.reference.models)} reference.models")
+        from rayalign.losses.advantages import ADVANTAGES
+
+        if ADVANTAGES[self.algo.estimator].needs_groups and self.rollout.n < 2:
+            raise ValueError(f"algo.estimator {self.algo.estimator!r} compares the samples of each prompt: "
+                             f"rollout.n must be >= 2 (got {self.rollout.n})")
         samples = self.prompts_per_step * self.rollout.n
-        for name, lc in (("actor", self.learner.actor), ("critic", self.learner.critic)):
+        trained = [("actor", self.learner.actor)] + ([("critic", self.learner.critic)] if self.algo.needs_critic
+                                                    else [])
+        for name, lc in trained:
             mini = lc.micro_batch_size * lc.grad_accum * self.learner.ranks
             if samples % mini:
                 raise ValueError(
                     f"prompts_per_step * rollout.n = {samples} samples is not a multiple of learner.{name} "
                     f"micro_batch_size * grad_accum * learner.ranks = {mini}")
-        if (self.learner.actor.micro_batch_size, self.learner.actor.grad_accum) != \
+        if self.algo.needs_critic and (self.learner.actor.micro_batch_size, self.learner.actor.grad_accum) != \
                 (self.learner.critic.micro_batch_size, self.learner.critic.grad_accum):
             raise ValueError("learner.actor and learner.critic need the same micro_batch_size and grad_accum "
                              "(they train on the same mini-batches)")
@@ -401,7 +460,7 @@ class RLConfig(Strict):
 # ---- preference optimisation on the distributed core (rayalign train spo|dpo|ipo) -----------------
 
 class PrefAlgoConfig(Strict):
-    """SPEC section 1, SPO (and the DPO / IPO baselines on the same data path)."""
+    """SPO, arXiv 2405.00747 (and the DPO / IPO baselines on the same data path)."""
 
     alpha: float = Field(1.0, gt=0, description="SPO softness: the policy tends to softmax(r / alpha)")
     gamma: float = Field(0.0, ge=0, description="SPO weight mu = (4 p (1 - p))^gamma, p the model's preference "
@@ -419,7 +478,7 @@ class PolicyGroupConfig(Strict):
 
     ranks: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=1.0)
-    actor: LearnerConfig = LearnerConfig(lr=5e-5, micro_batch_size=8)
+    actor: LearnerConfig = LearnerConfig(lr=5e-5, micro_batch_size=8, lr_schedule="constant")
 
 
 class SoupRefConfig(Strict):

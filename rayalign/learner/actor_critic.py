@@ -1,5 +1,6 @@
-"""One rank of the PPO learner group: the policy (actor) and the critic, each a DeepSpeed
-`Learner`, in the torch.distributed group of all ranks. No Ray in here: `LearnerGroup` wraps
+"""One rank of the PPO learner group: the policy (actor) and, for an advantage estimator that
+needs values (GAE), the critic, each a DeepSpeed `Learner`, in the torch.distributed group of all
+ranks. The critic-free estimators (GRPO, RLOO, REINFORCE++) build no critic at all. No Ray in here: `LearnerGroup` wraps
 it in actors; a test can run it in-process as a one-rank group.
 
 Batches are right-padded sequences (prompt + response). Every per-token tensor is aligned with
@@ -20,7 +21,8 @@ from rayalign.learner.dist import init_process_group
 from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.learner.policy import PolicyRank
 from rayalign.losses.logprobs import token_logprobs
-from rayalign.losses.ppo import entropy, policy_loss, value_loss
+from rayalign.losses.advantages import ADVANTAGES
+from rayalign.losses.ppo import entropy, kl_penalty, masked_mean, policy_loss, value_loss
 from rayalign.models.checkpoint import CheckpointError, check_dir, is_local, load_causal_lm, load_tokenizer
 
 
@@ -40,25 +42,28 @@ def load_value_model(path: str | Path) -> Any:
 
 
 class ActorCriticRank(PolicyRank):
-    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str, critic: str,
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str, critic: str | None,
               actor_cfg: dict[str, Any], critic_cfg: dict[str, Any], temperature: float = 1.0, seed: int = 0,
-              own_reference: bool = False) -> None:
+              own_reference: bool = False, total_steps: int | None = None) -> None:
         """`own_reference`: pi_ref is the LoRA policy's own base, computed here with the adapter
-        disabled (no reference workers, no second copy of the model)."""
+        disabled (no reference workers, no second copy of the model). `total_steps`: the run's
+        optimiser steps, for the learning-rate schedule. `critic` None: no value model."""
         acfg, ccfg = LearnerConfig(**actor_cfg), LearnerConfig(**critic_cfg)
         init_process_group(acfg.backend, rank, world_size, master_addr, master_port)
         self.rank, self.world_size, self.temperature, self.seed = rank, world_size, temperature, seed
         torch.manual_seed(seed)
         policy_model, _ = load_causal_lm(policy, with_tokenizer=False)
         self.tokenizer = load_tokenizer(policy)
-        critic_model = load_value_model(critic)
-        critic_model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.actor = Learner(wrap_lora(policy_model, acfg, policy), acfg)
-        self.critic = Learner(wrap_lora(critic_model, ccfg, critic, heads=["score"]), ccfg)
+        self.actor = Learner(wrap_lora(policy_model, acfg, policy), acfg, total_steps)
+        self.critic: Learner | None = None
+        if critic is not None:
+            critic_model = load_value_model(critic)
+            critic_model.config.pad_token_id = self.tokenizer.pad_token_id
+            self.critic = Learner(wrap_lora(critic_model, ccfg, critic, heads=["score"]), ccfg, total_steps)
         if own_reference and not self.actor.is_lora:
             raise ValueError("own_reference needs a LoRA policy (learner.actor.lora.r > 0)")
         self.own_reference = own_reference
-        self.learners = {"actor": self.actor, "critic": self.critic}
+        self.learners = {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     # ---- experience ------------------------------------------------------------------------
     def _values(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,9 +79,11 @@ class ActorCriticRank(PolicyRank):
         with `own_reference` pi_ref's log-probs (`ref_logp`, the adapter disabled)."""
         assert self.actor is not None, "setup() first"
         self.actor.engine.eval()
-        self.critic.engine.eval()
         logp = token_logprobs(self._logits(self.actor.engine, batch), batch["input_ids"], self.temperature)
-        out = {"logp": logp, "values": self._values(self.critic.engine, batch)}
+        out = {"logp": logp}
+        if self.critic is not None:
+            self.critic.engine.eval()
+            out["values"] = self._values(self.critic.engine, batch)
         if self.own_reference:
             with self.actor.adapter_disabled():
                 out["ref_logp"] = token_logprobs(self._logits(self.actor.engine, batch), batch["input_ids"],
@@ -85,9 +92,15 @@ class ActorCriticRank(PolicyRank):
 
     def train(self, batch: dict[str, torch.Tensor], algo: dict[str, Any], iteration: int) -> dict[str, float]:
         """`algo.epochs` passes over this rank's shard in mini-batches; one optimiser step of the
-        actor and one of the critic per mini-batch. Returns metrics averaged over the steps."""
+        actor (and of the critic, when there is one) per mini-batch. With the KL as a loss term the
+        batch carries `ref_logp` and the policy loss adds beta * k3. Returns metrics averaged over
+        the steps."""
         assert self.actor is not None, "setup() first"
         a = PPOAlgoConfig(**algo)
+        kl_in_loss = a.kl_in_loss
+        if kl_in_loss and "ref_logp" not in batch:
+            raise ValueError(f"algo.estimator {a.estimator!r} with the KL as a loss term needs ref_logp in the batch")
+        sum_norm = a.token_sum_norm if ADVANTAGES[a.estimator].token_sum_loss else None
         cfg = self.actor.cfg
         mini = cfg.micro_batch_size * cfg.grad_accum
         n = batch["input_ids"].shape[0]
@@ -99,7 +112,11 @@ class ActorCriticRank(PolicyRank):
         def actor_loss(model: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
             logits = self._logits(model, mb)
             logp = token_logprobs(logits, mb["input_ids"], T)
-            loss, m = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], a.clip)
+            loss, m = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], a.clip, sum_norm)
+            if kl_in_loss:
+                kl = masked_mean(kl_penalty(logp, mb["ref_logp"], "k3"), mb["response_mask"])
+                loss = loss + a.beta * kl
+                m["kl_loss"] = float(kl.detach())
             ent = entropy(logits[:, :-1] / T, mb["response_mask"])
             if a.entropy_coef:
                 loss = loss - a.entropy_coef * ent
@@ -119,7 +136,7 @@ class ActorCriticRank(PolicyRank):
                 micro = [{k: v[idx[j * cfg.micro_batch_size:(j + 1) * cfg.micro_batch_size]] for k, v in batch.items()}
                          for j in range(cfg.grad_accum)]
                 am = self.actor.step(micro, actor_loss)
-                cm = self.critic.step(micro, critic_loss)
+                cm = self.critic.step(micro, critic_loss) if self.critic is not None else {}
                 merged = {**{f"policy/{k}": v for k, v in am.items()}, **{f"value/{k}": v for k, v in cm.items()}}
                 for k, v in merged.items():
                     totals[k] = totals.get(k, 0.0) + v

@@ -33,26 +33,39 @@ class RankGroup:
     """`count` actors of `rank_cls` (a PolicyRank) in one torch.distributed group; `setup` is called
     on every rank with (rank, world_size, master_addr, master_port, **setup_kwargs)."""
 
-    def __init__(self, plan: Any, count: int, rank_cls: type, **setup_kwargs: Any):
+    def __init__(self, plan: Any, count: int, rank_cls: type, wait: bool = True, **setup_kwargs: Any):
+        """With wait False the ranks load their models in the background while the caller starts
+        the run's other actors; `ready()` then waits for them (and raises a setup error)."""
         remote = ray.remote(rank_cls)
         self.ranks = [remote.options(**plan.options("learner", r)).remote() for r in range(count)]
-        addr, port = ray.get(self.ranks[0].address.remote())
-        ray.get([a.setup.remote(r, count, addr, port, **setup_kwargs) for r, a in enumerate(self.ranks)])
+        address = self.ranks[0].address.remote()  # Ray hands its value to every setup once rank 0 is up
+        self._setup = [a.setup_at.remote(r, count, address, **setup_kwargs) for r, a in enumerate(self.ranks)]
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        if self._setup:
+            ray.get(self._setup)
+            self._setup = []
 
     def call_sharded(self, method: str, shards: list[Any], *args: Any) -> list[Any]:
         """rank r runs method(shards[r], *args); the results in rank order."""
         if len(shards) != len(self.ranks):
             raise ValueError(f"{len(shards)} shards for {len(self.ranks)} learner ranks")
+        self.ready()
         return ray.get([getattr(a, method).remote(s, *args) for a, s in zip(self.ranks, shards)])
 
     # weight sync sources (see rayalign.sync)
     def publish_buckets(self, bucket_bytes: int) -> tuple[list[BucketMeta], list[Any], int]:
+        self.ready()
         return ray.get([a.publish_buckets.remote(bucket_bytes) for a in self.ranks])[0]
 
     def bucket_metas(self, bucket_bytes: int) -> list[BucketMeta]:
+        self.ready()
         return ray.get(self.ranks[0].bucket_metas.remote(bucket_bytes))
 
     def rank0_address(self) -> tuple[str, int]:
+        self.ready()  # a rank that failed to set up says so here, not as a sync error
         return ray.get(self.ranks[0].address.remote())
 
     def join_weight_group(self, addr: str, port: int, world_size: int, backend: str) -> Any:
@@ -80,10 +93,10 @@ class LearnerGroup(RankGroup):
     """PPO's learner group: every rank holds the actor and the critic (ActorCriticRank)."""
 
     def __init__(self, plan: Any, cfg: LearnerGroupConfig, policy: str, critic: str, temperature: float = 1.0,
-                 seed: int = 0, own_reference: bool = False):
-        super().__init__(plan, cfg.ranks, ActorCriticRank, policy=policy, critic=critic,
+                 seed: int = 0, own_reference: bool = False, total_steps: int | None = None, wait: bool = True):
+        super().__init__(plan, cfg.ranks, ActorCriticRank, wait=wait, policy=policy, critic=critic,
                          actor_cfg=cfg.actor.model_dump(), critic_cfg=cfg.critic.model_dump(),
-                         temperature=temperature, seed=seed, own_reference=own_reference)
+                         temperature=temperature, seed=seed, own_reference=own_reference, total_steps=total_steps)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outs = self.call_sharded("forward", shard(batch, len(self.ranks)))

@@ -38,6 +38,11 @@ class PolicyRank:
             ip = "127.0.0.1"
         return ip, free_port()
 
+    def setup_at(self, rank: int, world_size: int, address: tuple[str, int], **kwargs: Any) -> None:
+        """`setup(rank, world_size, *address, **kwargs)`: the rendezvous address as one value, so a
+        group can pass rank 0's `address()` result along without waiting for it."""
+        self.setup(rank, world_size, address[0], address[1], **kwargs)  # type: ignore[attr-defined]
+
     # ---- weights out -----------------------------------------------------------------------
     def _weights_out(self) -> Iterator[tuple[str, torch.Tensor]]:
         """What a sync sends: a LoRA policy's adapter tensors only, else every weight."""

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 import torch
 
-from rayalign.config.schema import LearnerConfig, PrefAlgoConfig, reference_is_policy
+from rayalign.config.schema import LearnerConfig, PrefAlgoConfig, reference_dtype, reference_is_policy
 from rayalign.learner.dist import init_process_group
 from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.learner.group import RankGroup, mean_metrics
@@ -42,20 +42,21 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class PreferenceRank(PolicyRank):
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, policy: str,
               reference: list[str], reference_weights: list[float] | None, actor_cfg: dict[str, Any],
-              seed: int = 0) -> None:
+              seed: int = 0, total_steps: int | None = None) -> None:
         cfg = LearnerConfig(**actor_cfg)
         init_process_group(cfg.backend, rank, world_size, master_addr, master_port)
         self.rank, self.seed = rank, seed
         torch.manual_seed(seed)
         model, _ = load_causal_lm(policy, with_tokenizer=False)
         self.tokenizer = load_tokenizer(policy)
-        self.actor = Learner(wrap_lora(model, cfg, policy), cfg)
+        self.actor = Learner(wrap_lora(model, cfg, policy), cfg, total_steps)
         self.learners = {"actor": self.actor}
         if self.actor.is_lora and reference_is_policy(policy, reference, reference_weights):
             self.reference = None  # pi_ref = the policy with its adapter disabled: no second copy
             self.reference_description = {"models": [policy], "weights": [1.0], "adapter_disabled": True}
         else:
-            self.reference = ReferenceWorker(reference, reference_weights)
+            self.reference = ReferenceWorker(reference, reference_weights,
+                                             dtype=reference_dtype("auto", cfg.precision))  # the policy's dtype
             self.reference.model.to(self.actor.device)
             self.reference_description = self.reference.describe()
 
@@ -127,9 +128,11 @@ class PreferenceGroup(RankGroup):
     """N PreferenceRank actors (policy + colocated pi_ref) in one torch.distributed group."""
 
     def __init__(self, plan: Any, ranks: int, actor_cfg: LearnerConfig, policy: str, reference: list[str],
-                 reference_weights: list[float] | None, seed: int = 0):
-        super().__init__(plan, ranks, PreferenceRank, policy=policy, reference=reference,
-                         reference_weights=reference_weights, actor_cfg=actor_cfg.model_dump(), seed=seed)
+                 reference_weights: list[float] | None, seed: int = 0, total_steps: int | None = None,
+                 wait: bool = True):
+        super().__init__(plan, ranks, PreferenceRank, wait=wait, policy=policy, reference=reference,
+                         reference_weights=reference_weights, actor_cfg=actor_cfg.model_dump(), seed=seed,
+                         total_steps=total_steps)
 
     def train_step(self, shards: list[list[dict[str, torch.Tensor]]], method: str,
                    algo: dict[str, Any]) -> dict[str, float]:

@@ -79,12 +79,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate: -E[min(rho A, clip(rho, 1-eps, 1+eps) A)], rho = pi / pi_old."""
+                clip: float = 0.2, token_sum_norm: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate: -E[min(rho A, clip(rho, 1-eps, 1+eps) A)], rho = pi / pi_old, averaged
+    over the response tokens; with `token_sum_norm` L the per-token terms are summed and divided
+    by (samples x L), Dr. GRPO's length-unbiased aggregation (arXiv 2503.20783)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    surrogate = torch.minimum(unclipped, clipped)
+    if token_sum_norm is None:
+        loss = -masked_mean(surrogate, mask)
+    else:
+        loss = -(surrogate * mask).sum() / (mask.size(0) * token_sum_norm)
     with torch.no_grad():
         clip_frac = masked_mean((clipped < unclipped).float(), mask)
         approx_kl = masked_mean(0.5 * (logp - old_logp).square(), mask)

@@ -1,17 +1,21 @@
-"""PPO and SALSA on Ray: the controller, one readable loop over the roles.
+"""PPO, SALSA and the critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++) on Ray: the
+controller, one readable loop over the roles.
 
     rayalign train ppo   --config ppo.yaml   policy=runs/sft/sft-0 output=runs/ppo
     rayalign train salsa --config salsa.yaml reference.models=[runs/sft/sft-0,runs/sft/sft-1]
+    rayalign train grpo  --config ppo.yaml   rollout.n=4 reference.models=[runs/sft/sft-0,runs/sft/sft-1]
 
-SALSA is this very loop with a soup as pi_ref (SPEC section 1); plain PPO's pi_ref is the SFT
-model the policy starts from. Each iteration:
+SALSA is this very loop with a soup as pi_ref (arXiv 2411.01798); plain PPO's pi_ref is the SFT
+model the policy starts from. The reference is a choice, not an estimator: any estimator
+(algo.estimator, rayalign.losses.advantages) runs with any pi_ref. Each iteration:
 
     generate   rollout workers sample responses to a batch of prompts (vLLM or transformers)
     score      reward scorers give R(x, y) (a reward model or the gold functions)
     reference  reference workers give log pi_ref of every response token (checkpoint or soup)
-    forward    the learner group gives log pi_old and V_old
-    advantages r_t = -beta kl_t (+ R on the last token), GAE, whitening -- here, on the controller
-    train      several PPO epochs of mini-batches on the learner group (actor and critic)
+    forward    the learner group gives log pi_old (and V_old when the estimator has a critic)
+    advantages the estimator's, from R, the per-token KL and V_old (GAE) or the prompt's other
+               samples (GRPO, RLOO, ...) -- here, on the controller
+    train      several PPO epochs of mini-batches on the learner group (actor, and critic for GAE)
     sync       new policy weights to the rollout workers (object store or collective broadcast)
 """
 
@@ -31,23 +35,15 @@ import torch
 from tqdm.auto import tqdm
 
 from rayalign.config.core import dump_config
-from rayalign.config.schema import DataConfig, RLConfig
+from rayalign.config.schema import DataConfig, RLConfig, reference_dtype
 from rayalign.data.loaders import load_rows
 from rayalign.data.tokenize import encode_prompt, response_batch
 from rayalign.distributed.cluster import connect
 from rayalign.distributed.placement import PlacementPlan
 from rayalign.distributed.pool import ActorPool
 from rayalign.learner.group import LearnerGroup
-from rayalign.losses.ppo import (
-    AdaptiveKL,
-    RunningMoments,
-    gae,
-    kl_penalty,
-    masked_mean,
-    masked_whiten,
-    normalise_scores,
-    token_rewards,
-)
+from rayalign.losses.advantages import ADVANTAGES, AdvantageInputs, advantage_estimator
+from rayalign.losses.ppo import AdaptiveKL, RunningMoments, kl_penalty, masked_mean, masked_whiten, normalise_scores
 from rayalign.models.checkpoint import check_dir, is_local, load_tokenizer
 from rayalign.recipes.loop import batch_indices
 from rayalign.recipes.monitor import KLHackMonitor
@@ -60,23 +56,39 @@ from rayalign.utils.logging import RunLogger, log
 from rayalign.world import build
 from rayalign.world.gold import OBJECTIVES, gold_vector
 
-METHODS = ("ppo", "salsa")
+# `rayalign train M` for these runs algo.estimator=M; ppo and salsa take algo.estimator as configured (gae)
+ESTIMATOR_METHODS = tuple(name for name in ADVANTAGES if name != "gae")  # grpo, dr_grpo, rloo, reinforce_pp
+METHODS = ("ppo", "salsa", *ESTIMATOR_METHODS)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
 
 def resolve_roles(cfg: RLConfig, method: str) -> RLConfig:
-    """Fill method defaults: PPO's reference is the policy's own start; SALSA needs a soup."""
+    """Fill method defaults: PPO's reference is the policy's own start; SALSA needs a soup; grpo,
+    rloo, ... set their estimator, and only an estimator with values gets a critic."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     updates: dict[str, Any] = {}
+    if method in ESTIMATOR_METHODS:
+        if cfg.algo.estimator not in ("gae", method):
+            raise ValueError(f"rayalign train {method} uses algo.estimator={method!r}; the config asks for "
+                             f"{cfg.algo.estimator!r} (drop it, or run `rayalign train ppo algo.estimator=...`)")
+        if advantage_estimator(method).needs_groups and cfg.rollout.n < 2:
+            raise ValueError(f"rayalign train {method} compares the samples of each prompt: rollout.n must be "
+                             f">= 2 (got {cfg.rollout.n})")
+        cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"estimator": method})})
+    if cfg.algo.token_sum_norm is None:
+        cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"token_sum_norm":
+                                                                          cfg.rollout.max_new_tokens})})
     if method == "salsa" and len(cfg.reference.models) < 2:
         raise ValueError("SALSA needs a soup reference: reference.models must list at least two SFT models "
                          f"(got {cfg.reference.models})")
     if not cfg.reference.models:
         updates["reference"] = cfg.reference.model_copy(update={"models": [cfg.policy]})
     rms = reward_model_paths(cfg.reward.model)
-    if cfg.critic is None:  # the value model starts from the (first) reward model, else the policy
+    if not cfg.algo.needs_critic:
+        updates["critic"] = None  # a critic-free estimator: no value model is built
+    elif cfg.critic is None:  # the value model starts from the (first) reward model, else the policy
         updates["critic"] = rms[0] if cfg.reward.kind == "model" else cfg.policy
     cfg = cfg.model_copy(update=updates)
     check_model_paths([("policy", cfg.policy), ("critic", cfg.critic), *[("reward.model", m) for m in rms],
@@ -142,18 +154,23 @@ class Roles:
     def __init__(self, cfg: RLConfig, plan: PlacementPlan):
         r = cfg.rollout
         self.own_reference = cfg.reference_in_learner
-        self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic or cfg.policy, r.temperature, cfg.seed,
-                                     own_reference=self.own_reference)
-        self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
-                                  learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=cfg.learner.actor.lora)
+        # every role loads at once: scorers and references first (nothing waits on them), then the
+        # learner ranks in the background while the rollout engines start
         scorers = [RewardActor.options(**plan.options("reward", i), max_restarts=cfg.reward.max_restarts)
                    .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights, max_len=cfg.reward.max_len,
                            dtype=cfg.reward.dtype)
                    for i in range(cfg.reward.workers)]
         refs = [] if self.own_reference else [
             ReferenceActor.options(**plan.options("reference", i), max_restarts=cfg.reference.max_restarts)
-            .remote(cfg.reference.models, cfg.reference.weights, r.temperature, cfg.reference.dtype)
+            .remote(cfg.reference.models, cfg.reference.weights, r.temperature,
+                    reference_dtype(cfg.reference.dtype, cfg.learner.actor.precision))
             for i in range(cfg.reference.workers)]
+        self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic if cfg.algo.needs_critic else None,
+                                     r.temperature, cfg.seed, own_reference=self.own_reference,
+                                     total_steps=cfg.optimizer_steps, wait=False)
+        self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
+                                  learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=cfg.learner.actor.lora)
+        self.learners.ready()
         self.rollout = self.fleet.pool
         self.reward = ActorPool("reward", scorers)
         self.reference = ActorPool("reference", refs)
@@ -218,6 +235,8 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
     atomic_write_text(out / "config.yaml", f"# rayalign train {method}\n" + dump_config(cfg))
 
     B, n = cfg.prompts_per_step, cfg.rollout.n
+    estimator = advantage_estimator(cfg.algo.estimator)
+    groups = torch.arange(B).repeat_interleave(n)  # the rollouts come prompt by prompt, n samples each
     per_epoch = len(prompts) // B
     started_ray = connect(cfg.ray_address)
     plan = PlacementPlan.from_config(cfg)
@@ -280,7 +299,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             if roles.own_reference:  # the LoRA policy's base, from the learner's forward with the adapter off
                 ref_logp = old["ref_logp"]
 
-            # rewards and advantages (SPEC section 1)
+            # rewards and advantages (rayalign.losses.advantages)
             finished = torch.tensor([float(r["finished"]) for r in rollouts])
             score = scored[:, 0].clone() if cond is None else \
                 (scored[:, 1:] * torch.tensor(cond.weights(np.repeat(mu, n, axis=0)), dtype=torch.float32)).sum(1)
@@ -289,16 +308,22 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             norm_score = normalise_scores(score, cfg.algo.reward_norm, moments, cfg.algo.reward_clip)
             kl_t = kl_penalty(old["logp"], ref_logp, cfg.algo.kl_estimator) * mask
             beta = kl_ctl.beta
-            rewards = token_rewards(norm_score, kl_t, beta, mask)
-            values = old["values"] * mask
-            advantages, returns = gae(rewards, values, mask, cfg.algo.gamma, cfg.algo.lam)
-            if cfg.algo.whiten_advantages:
+            kl_in_loss = cfg.algo.kl_in_loss
+            values = old["values"] * mask if "values" in old else None
+            advantages, returns = estimator.fn(AdvantageInputs(
+                scores=norm_score, token_kl=kl_t, mask=mask, beta=0.0 if kl_in_loss else beta, values=values,
+                groups=groups, gamma=cfg.algo.gamma, lam=cfg.algo.lam, kl_in_reward=not kl_in_loss))
+            if estimator.needs_values and cfg.algo.whiten_advantages:
                 advantages = masked_whiten(advantages, mask)
-            train_batch = {**batch, "old_logp": old["logp"], "old_values": values, "advantages": advantages,
-                           "returns": returns}
+            train_batch = {**batch, "old_logp": old["logp"], "advantages": advantages}
+            if values is not None:
+                train_batch.update(old_values=values, returns=returns)
+            if kl_in_loss:
+                train_batch["ref_logp"] = ref_logp
+            total_reward = norm_score - (0.0 if kl_in_loss else beta) * kl_t.sum(1)
 
             with timed(times, "train"):
-                train_metrics = roles.learners.train(train_batch, cfg.algo.model_dump(), it)
+                train_metrics = roles.learners.train(train_batch, {**cfg.algo.model_dump(), "beta": beta}, it)
             seq_kl = float(((old["logp"] - ref_logp) * mask).sum(1).mean())  # k1 summed over the response
             kl_ctl.update(seq_kl, B * n)
             with timed(times, "sync"):
@@ -308,10 +333,10 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
             metrics: dict[str, float] = {
                 "reward/score": float(score.mean()), "reward/score_std": float(score.std()),
                 "reward/normalised": float(norm_score.mean()),
-                "reward/total": float((rewards * mask).sum(1).mean()),
+                "reward/total": float(total_reward.mean()),
                 "kl/sequence": seq_kl, "kl/token_estimate": float(masked_mean(kl_t, mask)), "kl/beta": beta,
                 "response/length": float(lengths.mean()), "response/finished": float(finished.mean()),
-                "value/mean": float(masked_mean(values, mask)),
+                **({"value/mean": float(masked_mean(values, mask))} if values is not None else {}),
                 "advantage/mean_raw": float(masked_mean(advantages, mask)),
                 **{f"reward/{name}": float(scored[:, 1 + j].mean()) for j, name in enumerate(roles.objectives)
                    if len(roles.objectives) > 1},

@@ -130,10 +130,11 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
     lc = cfg.learner.actor
     try:
         group = PreferenceGroup(plan, cfg.learner.ranks, lc, cfg.policy, cfg.reference.models,
-                                cfg.reference.weights, cfg.seed)
-        if online:
+                                cfg.reference.weights, cfg.seed, total_steps=total, wait=False)
+        if online:  # the rollout engines start while the learner ranks load
             fleet = RolloutFleet(plan, cfg.rollout, cfg.sync, cfg.policy, group,
                                  learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=lc.lora)
+        group.ready()
         start, samples = 0, None
         saved = read_controller(out) if resume else None
         if saved is not None:
