@@ -85,7 +85,7 @@ def _bandit_fit(alpha: float, gamma: float, beta: float = 1e-4, steps: int = 200
 def test_spo_converges_to_softmax_of_reward_over_alpha(alpha):
     pi, target = _bandit_fit(alpha, gamma=0.0)
     kl = float((target * (target / pi).log()).sum())
-    assert kl < 0.01, (alpha, pi.tolist(), target.tolist(), kl)
+    assert kl < 1e-4, (alpha, pi.tolist(), target.tolist(), kl)  # measured 1.6e-6 to 1.2e-5 (finite labels)
     # alpha controls the entropy: a larger alpha gives a softer policy
     entropy = float(-(pi * pi.log()).sum())
     assert entropy == pytest.approx(float(-(target * target.log()).sum()), abs=0.05)
@@ -93,5 +93,5 @@ def test_spo_converges_to_softmax_of_reward_over_alpha(alpha):
 
 def test_weighted_spo_keeps_the_fixed_point():
     pi, target = _bandit_fit(1.0, gamma=1.0)
-    assert float((target * (target / pi).log()).sum()) < 0.01
+    assert float((target * (target / pi).log()).sum()) < 1e-4  # measured 7.3e-6
 

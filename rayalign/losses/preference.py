@@ -69,6 +69,9 @@ def ipo_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, re
 
 def global_kl(per_position_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """E_samples sum_t KL_t: full-vocabulary KL at every response position (losses.logprobs.full_kl),
-    summed over the response and averaged over the samples. With samples y ~ pi this is an
-    unbiased estimate of the sequence-level KL(pi(.|x) || pi_ref(.|x))."""
+    summed over the response and averaged over the samples. Its value is an unbiased estimate of
+    the sequence-level KL(pi(.|x) || pi_ref(.|x)) only when the samples are fresh draws y ~ pi; its
+    gradient, which differentiates the per-position KL but not the sampling distribution, is not
+    the gradient of that KL, and with samples refreshed every algo.kl_every steps they come from
+    a policy up to kl_every - 1 updates old (arXiv 2405.00747 refreshes its samples every T steps too)."""
     return (per_position_kl * mask).sum(-1).mean()
