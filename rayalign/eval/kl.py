@@ -1,5 +1,5 @@
 """KL(pi || pi_ref) of a trained policy on held-out prompts: the x-axis of every reward-versus-KL
-comparison (SPEC section 4).
+comparison (as in arXiv 2411.01798 and 2210.10760).
 
 Responses are sampled from pi; at every response position the KL between the two next-token
 distributions is summed over the whole vocabulary (exact per position, so the only noise is

@@ -1,5 +1,5 @@
 """ExPO's gain in gold reward over its theta_1, for PPO, SALSA, SPO and DPO, several seeds
-(issue: Personalized Soups, Bone Soups and ExPO end to end).
+(as in ExPO, arXiv 2404.16792).
 
     python -m rayalign.experiments.expo_gain --demo runs/demo-... --out runs/expo-gain
 

@@ -1,4 +1,4 @@
-"""PPO against SALSA on the embedded default, several seeds (issue: distributed core, SPEC section 4).
+"""PPO against SALSA on the embedded default, several seeds (the comparison of arXiv 2411.01798).
 
     python -m rayalign.experiments.salsa_vs_ppo --demo runs/demo-... --out runs/salsa-vs-ppo
 

@@ -1,5 +1,5 @@
 """Bone Soups against Rewarded Soups, Personalized Soups and Prompted-MORL on the embedded default,
-several seeds (issue: Personalized Soups, Bone Soups and ExPO end to end).
+several seeds (the comparisons of arXiv 2502.10762).
 
     python -m rayalign.experiments.soups_fronts --demo runs/demo-... --out runs/soups-fronts
 

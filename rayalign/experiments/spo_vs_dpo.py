@@ -1,4 +1,4 @@
-"""SPO against DPO on the embedded default, several seeds (issue: SPO with online global KL).
+"""SPO against DPO on the embedded default, several seeds (the comparison of arXiv 2405.00747).
 
     python -m rayalign.experiments.spo_vs_dpo --demo runs/demo-... --out runs/spo-vs-dpo
 

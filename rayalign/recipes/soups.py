@@ -1,5 +1,5 @@
 """Soups over preferences: Rewarded Soups, Bone Soups, Personalized Soups and the Prompted-MORL
-baseline, trained on Ray and compared by their Pareto fronts (SPEC section 1).
+baseline, trained on Ray and compared by their Pareto fronts (arXiv 2306.04488, 2502.10762, 2310.11564).
 
     rayalign soups policy=runs/demo/sft/sft-0 output=runs/soups objectives=[informative,concise]
 
