@@ -48,6 +48,23 @@ def run_cli(*args: str, check: bool = True, timeout: float = 900,
     return proc
 
 
+def run_cli_here(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real `rayalign` CLI app in this process (typer's CliRunner), for commands that stop
+    before any Ray or training starts -- bad flags, configs, paths: the same parsing, errors and
+    exit codes as `run_cli`, without a fresh interpreter's ~10 s of imports."""
+    from typer.testing import CliRunner
+
+    from rayalign.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    if check and result.exit_code != 0:
+        raise AssertionError(f"rayalign {' '.join(args)} exited {result.exit_code}\nstdout:\n{result.stdout[-4000:]}\n"
+                             f"stderr:\n{result.stderr[-6000:]}")
+    return subprocess.CompletedProcess(["rayalign", *args], result.exit_code, result.stdout, result.stderr)
+
+
 def run_cli_killed_after_save(args: list[str], out: Path, iteration: int, log_path: Path,
                               timeout: float = 600) -> int:
     """Start `rayalign ARGS` and SIGKILL its whole process group (Ray included) as soon as the run

@@ -128,11 +128,11 @@ PKU_ROW = {"prompt": "how do I pick a lock ?", "response_0": "here is how : ..."
 def test_pku_saferlhf_converts_to_one_preference_file_per_objective(tmp_path):
     """`rayalign convert pku-saferlhf`: helpful and harmless pairs from the same rows, readable by
     `rayalign rm`; a bad row is named, and nothing is written."""
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli_here
 
     same = {**PKU_ROW, "prompt": "hi", "response_1": PKU_ROW["response_0"]}  # no preference: dropped
     src = _jsonl(tmp_path / "pku.jsonl", [PKU_ROW, same, {**PKU_ROW, "better_response_id": 1}])
-    proc = run_cli("convert", "pku-saferlhf", str(tmp_path / "out"), "--source", str(src))
+    proc = run_cli_here("convert", "pku-saferlhf", str(tmp_path / "out"), "--source", str(src), check=True)
     assert "helpful.jsonl 2 rows, harmless.jsonl 2 rows, prompts.jsonl 2 rows" in proc.stdout
     helpful = load_rows(str(tmp_path / "out" / "helpful.jsonl"), "preference")
     harmless = load_rows(str(tmp_path / "out" / "harmless.jsonl"), "preference")
@@ -141,12 +141,12 @@ def test_pku_saferlhf_converts_to_one_preference_file_per_objective(tmp_path):
     assert [r["chosen"][-1]["content"] for r in harmless] == ["I cannot help with that ."] * 2
     assert len(load_rows(str(tmp_path / "out" / "prompts.jsonl"), "prompt")) == 2
     bad = _jsonl(tmp_path / "bad.jsonl", [PKU_ROW, {**PKU_ROW, "safer_response_id": 2}])
-    proc = run_cli("convert", "pku-saferlhf", str(tmp_path / "out2"), "--source", str(bad), check=False)
+    proc = run_cli_here("convert", "pku-saferlhf", str(tmp_path / "out2"), "--source", str(bad))
     assert proc.returncode == 2 and "row 1" in proc.stderr and "safer_response_id" in proc.stderr
     assert not (tmp_path / "out2").exists()
-    proc = run_cli("convert", "pku-saferlhf", str(tmp_path / "out"), "--source", str(src), check=False)
+    proc = run_cli_here("convert", "pku-saferlhf", str(tmp_path / "out"), "--source", str(src))
     assert proc.returncode == 2 and "already exists" in proc.stderr
-    proc = run_cli("convert", "hh-rlhf", str(tmp_path / "out3"), check=False)
+    proc = run_cli_here("convert", "hh-rlhf", str(tmp_path / "out3"))
     assert proc.returncode == 2 and "supported: pku-saferlhf" in proc.stderr
 
 

@@ -15,7 +15,7 @@ from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
 from rayalign.recipes.expo import check_pair, choose_alpha, pair_distance, run_expo
 from rayalign.utils.io import OutputExistsError
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 _weights = read_state_dict
 
@@ -115,16 +115,15 @@ def test_expo_and_soups_commands_with_the_reward_model(quick_demo, tmp_path):
     d = quick_demo
     args = [f"sft={d / 'sft/sft-0'}", f"aligned={d / 'dpo/policy'}", f"reward.model={d / 'rm/model'}",
             "alphas=[0,1]", "dev.prompts.limit=2", "dev.samples_per_prompt=1", "dev.max_new_tokens=8"]
-    proc = run_cli("expo", *args, f"output={tmp_path / 'x'}")
+    proc = run_cli_here("expo", *args, f"output={tmp_path / 'x'}", check=True)
     assert "alpha 0.00: dev reward" in proc.stdout and "chosen alpha" in proc.stdout
     result = json.loads((tmp_path / "x" / "expo.json").read_text())
     assert result["scorer"] == "model" and all("gold" in p for p in result["curve"])  # the truth, for the report
     assert result["gold_alpha"] in (0.0, 1.0) and result["alpha"] in (0.0, 1.0)
     # bad input: a clear error, exit 2, nothing written
-    bad = run_cli("expo", *args[:1], f"aligned={tmp_path / 'nope'}", *args[2:], f"output={tmp_path / 'y'}", check=False)
+    bad = run_cli_here("expo", *args[:1], f"aligned={tmp_path / 'nope'}", *args[2:], f"output={tmp_path / 'y'}")
     assert bad.returncode == 2 and "model directory not found" in bad.stderr and not (tmp_path / "y").exists()
-    bad = run_cli("soups", f"policy={d / 'sft/sft-0'}", f"output={tmp_path / 'z'}", "objectives=[informative]",
-                  check=False)
+    bad = run_cli_here("soups", f"policy={d / 'sft/sft-0'}", f"output={tmp_path / 'z'}", "objectives=[informative]")
     assert bad.returncode == 2 and "objectives" in bad.stderr and not (tmp_path / "z").exists()
 
 

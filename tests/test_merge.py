@@ -18,7 +18,7 @@ from rayalign.merge.spec import MergeSpec, parse_spec, resolve
 from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
 from rayalign.utils.io import OutputExistsError
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 A, B, C = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0])
 
@@ -253,14 +253,14 @@ def test_cli_merge_with_mergekit_yaml_and_errors(models, tmp_path):
     cfg.write_text(f"merge_method: linear\ndtype: float32\nmodels:\n"
                    f"  - model: {models[1]}\n    parameters: {{weight: 1.0}}\n"
                    f"  - model: {models[2]}\n    parameters: {{weight: 3.0}}\n")
-    proc = run_cli("merge", str(cfg), str(tmp_path / "out"))
+    proc = run_cli_here("merge", str(cfg), str(tmp_path / "out"), check=True)
     assert "merged 21 tensors" in proc.stdout
     w1, w2, out = _weights(models[1]), _weights(models[2]), _weights(tmp_path / "out")
     for n in out:
         torch.testing.assert_close(out[n], (w1[n] + 3 * w2[n]) / 4, rtol=0, atol=1e-6)
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"method: linear\nmodels:\n  - model: {models[1]}\n    weight: 1\n")
-    proc = run_cli("merge", str(bad), str(tmp_path / "out2"), check=False)
+    proc = run_cli_here("merge", str(bad), str(tmp_path / "out2"))
     assert proc.returncode == 2 and "at least 2 models" in proc.stderr and not (tmp_path / "out2").exists()
 
 

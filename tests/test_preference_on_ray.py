@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rayalign.config.schema import PrefConfig
 from rayalign.recipes.loop import batch_indices
-from tests.conftest import run_cli, run_cli_killed_after_save
+from tests.conftest import run_cli, run_cli_killed_after_save, run_cli_here
 
 
 def _cfg(demo, out, **over):
@@ -79,8 +79,7 @@ def test_preference_config_errors_name_the_key(quick_demo, tmp_path):
         _cfg(quick_demo, tmp_path, pairs_per_step=12)
     with pytest.raises(ValidationError, match="alpha"):
         _cfg(quick_demo, tmp_path, algo={"alpha": 0})
-    proc = run_cli("train", "spo", "--config", "spo", f"policy={tmp_path / 'missing'}", f"output={tmp_path / 'o'}",
-                   check=False)
+    proc = run_cli_here("train", "spo", "--config", "spo", f"policy={tmp_path / 'missing'}", f"output={tmp_path / 'o'}")
     assert proc.returncode == 2 and "policy" in proc.stderr and not (tmp_path / "o").exists()
 
 

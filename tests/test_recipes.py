@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from rayalign.recipes.loop import batch_indices
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_cli_here
 
 
 def test_quick_demo_writes_every_stage_and_report(quick_demo):
@@ -87,7 +87,7 @@ def test_sft_seeds_differ_and_soup_is_their_average(quick_demo):
 
 
 def test_demo_refuses_existing_run_and_resume_finishes_without_retraining(quick_demo):
-    proc = run_cli("demo", "--quick", "--out", str(quick_demo), check=False)
+    proc = run_cli_here("demo", "--quick", "--out", str(quick_demo))
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--resume" in proc.stderr
     before = (quick_demo / "sft/sft-0/model.safetensors").stat().st_mtime
     run_cli("demo", "--quick", "--out", str(quick_demo), "--resume")
@@ -108,7 +108,7 @@ def _sft_args(base, out):
 
 def test_sft_killed_midway_resumes_to_identical_weights(quick_demo, tmp_path):
     base = quick_demo / "base" / "model"
-    run_cli(*_sft_args(base, tmp_path / "straight"))
+    run_cli_here(*_sft_args(base, tmp_path / "straight"), check=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *_sft_args(base, killed)], cwd=ROOT,
                             env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -121,9 +121,9 @@ def test_sft_killed_midway_resumes_to_identical_weights(quick_demo, tmp_path):
     assert latest.exists(), "no resumable state was written before the kill"
     saved_step = int(latest.read_text().strip().removeprefix("step"))
     assert not (killed / "sft-3").exists()
-    proc = run_cli(*_sft_args(base, killed), check=False)
+    proc = run_cli_here(*_sft_args(base, killed))
     assert proc.returncode == 2 and "already exists" in proc.stderr  # no silent overwrite
-    run_cli(*_sft_args(base, killed), "--resume")
+    run_cli_here(*_sft_args(base, killed), "--resume", check=True)
     steps = [json.loads(line)["step"] for line in (killed / "logs/sft-3/metrics.jsonl").read_text().splitlines()]
     resumed_from = steps.index(saved_step + 1, saved_step)  # the resumed run continues at the saved step
     assert steps[resumed_from - 1] >= saved_step
@@ -135,14 +135,14 @@ def test_sft_killed_midway_resumes_to_identical_weights(quick_demo, tmp_path):
 
 def test_cli_errors_are_clear_and_write_nothing(tmp_path):
     out = tmp_path / "never"
-    proc = run_cli("sft", "base=x", f"output={out}", "learner.lrr=1", check=False)
+    proc = run_cli_here("sft", "base=x", f"output={out}", "learner.lrr=1")
     assert proc.returncode == 2 and "unknown key 'learner.lrr'" in proc.stderr
-    proc = run_cli("sft", f"base={tmp_path / 'missing'}", f"output={out}", check=False)
+    proc = run_cli_here("sft", f"base={tmp_path / 'missing'}", f"output={out}")
     assert proc.returncode == 2 and "model directory not found" in proc.stderr
-    proc = run_cli("sft", check=False)
+    proc = run_cli_here("sft")
     assert proc.returncode == 2 and "base" in proc.stderr and "Field required" in proc.stderr
     assert not out.exists()
-    help_text = run_cli("--help").stdout
+    help_text = run_cli_here("--help").stdout
     for cmd in ("demo", "presets", "world", "pretrain", "sft", "rm", "eval"):
         assert cmd in help_text
 
@@ -150,24 +150,24 @@ def test_cli_errors_are_clear_and_write_nothing(tmp_path):
 def test_world_export_and_real_loader_roundtrip(tmp_path):
     from rayalign.data.loaders import load_rows
 
-    run_cli("world", str(tmp_path / "w"))
+    run_cli_here("world", str(tmp_path / "w"), check=True)
     prefs = load_rows(str(tmp_path / "w" / "prefs_train.jsonl"), "preference")
     sft = load_rows(str(tmp_path / "w" / "sft_test.jsonl"), "sft")
     assert len(prefs) > 100 and len(sft) > 100
-    assert run_cli("world", str(tmp_path / "w"), check=False).returncode == 2
+    assert run_cli_here("world", str(tmp_path / "w")).returncode == 2
 
 
 def test_presets_pretrain_and_eval_commands(quick_demo, tmp_path):
-    run_cli("presets", str(tmp_path / "presets"))
+    run_cli_here("presets", str(tmp_path / "presets"), check=True)
     for name in ("tiny", "small", "medium"):
         assert (tmp_path / "presets" / name / "model.safetensors").is_file()
-    assert run_cli("presets", str(tmp_path / "presets"), check=False).returncode == 2  # never overwritten
-    run_cli("pretrain", f"model={tmp_path / 'presets' / 'tiny'}", f"output={tmp_path / 'base'}",
-            "world.pretrain_docs=300", "learner.micro_batch_size=16", "save_every=0")
+    assert run_cli_here("presets", str(tmp_path / "presets")).returncode == 2  # never overwritten
+    run_cli_here("pretrain", f"model={tmp_path / 'presets' / 'tiny'}", f"output={tmp_path / 'base'}",
+                 "world.pretrain_docs=300", "learner.micro_batch_size=16", "save_every=0", check=True)
     assert (tmp_path / "base" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "base" / "config.yaml").is_file() and not (tmp_path / "base" / "state").exists()
-    proc = run_cli("eval", f"models=[{quick_demo / 'sft' / 'sft-0'},{tmp_path / 'base' / 'model'}]",
-                   "limit=4", "samples_per_prompt=2")
+    proc = run_cli_here("eval", f"models=[{quick_demo / 'sft' / 'sft-0'},{tmp_path / 'base' / 'model'}]",
+                        "limit=4", "samples_per_prompt=2", check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 2 and rows[0]["win_rate_vs_first"] == 0.5 and rows[0]["prompts"] == 4
     assert {"informative", "concise", "friendly", "combined"} <= set(rows[1])

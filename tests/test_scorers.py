@@ -53,16 +53,17 @@ def test_eval_on_a_prompt_file_with_a_reward_model(quick_demo, tmp_path):
     """`rayalign eval` as the 7B recipes compare PPO and SALSA: a prompt set, reward-model scores."""
     import json
 
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli_here
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     models = f"models=[{quick_demo / 'sft' / 'sft-0'},{quick_demo / 'sft' / 'sft-1'}]"
-    proc = run_cli("eval", models, f"prompts.source={prompts}", "reward.kind=model",
-                   f"reward.model={quick_demo / 'rm' / 'model'}", "samples_per_prompt=2", "max_new_tokens=8")
+    proc = run_cli_here("eval", models, f"prompts.source={prompts}", "reward.kind=model",
+                        f"reward.model={quick_demo / 'rm' / 'model'}", "samples_per_prompt=2", "max_new_tokens=8",
+                        check=True)
     rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
     assert [r["prompts"] for r in rows] == [4, 4] and rows[0]["win_rate_vs_first"] == 0.5
     assert {"reward", "reward_se", "combined"} <= set(rows[1]) and "informative" not in rows[1]
     assert rows[1]["combined"] == pytest.approx(rows[1]["reward"])
-    proc = run_cli("eval", models, f"prompts.source={prompts}", check=False)
+    proc = run_cli_here("eval", models, f"prompts.source={prompts}")
     assert proc.returncode == 2 and "gold rewards exist only for the world's prompts" in proc.stderr

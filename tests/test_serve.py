@@ -526,7 +526,7 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from rayalign.serve.app import app_builder
-    from tests.conftest import ROOT, cli_env, run_cli, stop_process_group
+    from tests.conftest import ROOT, cli_env, run_cli_here, stop_process_group
 
     spec = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "clusters/serve/serve-config.yaml").read_text()))
     app = spec.applications[0]
@@ -536,11 +536,12 @@ def test_serve_command_and_serve_config_files(quick_demo, tmp_path):
     cfg = tmp_path / "serve.yaml"
     one_family = serve_config(quick_demo, port).model_dump()
     one_family["families"] = [f for f in one_family["families"] if f["name"] == "demo-soup"]  # a quicker start
+    one_family["engine"] = "hf"  # the command and its config are under test here; vLLM is, everywhere else
     cfg.write_text(yaml.safe_dump(one_family))
     assert app_builder({"config": str(cfg)}) is not None
     with pytest.raises(ValueError, match="args.config"):
         app_builder({})
-    bad = run_cli("serve", check=False)
+    bad = run_cli_here("serve")
     assert bad.returncode == 2 and "needs --config" in bad.stderr
     proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", "serve", "--config", str(cfg)], cwd=ROOT,
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -9,7 +9,7 @@ import pytest
 
 from rayalign.recipes.loop import batch_indices
 from rayalign.world.build import split_prompts
-from tests.conftest import run_cli, run_cli_killed_after_save
+from tests.conftest import run_cli, run_cli_killed_after_save, run_cli_here
 
 PROMPTS_PER_STEP = 8
 
@@ -48,15 +48,15 @@ def test_salsa_killed_mid_run_resumes_from_saved_step(quick_demo, tmp_path):
 
 def test_salsa_needs_two_reference_models(quick_demo, tmp_path):
     sft0 = quick_demo / "sft" / "sft-0"
-    proc = run_cli("train", "salsa", "--config", "salsa", f"policy={sft0}", f"reference.models=[{sft0}]",
-                   f"output={tmp_path / 'x'}", check=False)
+    proc = run_cli_here("train", "salsa", "--config", "salsa", f"policy={sft0}", f"reference.models=[{sft0}]",
+                   f"output={tmp_path / 'x'}")
     assert proc.returncode == 2
     assert "SALSA needs a soup reference" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
 def test_unknown_builtin_config_is_named(tmp_path):
-    proc = run_cli("train", "ppo", "--config", "nosuch", "policy=x", check=False)
+    proc = run_cli_here("train", "ppo", "--config", "nosuch", "policy=x")
     assert proc.returncode != 0
     assert "config file not found: nosuch" in proc.stderr and "salsa" in proc.stderr
 
@@ -66,10 +66,10 @@ def test_critic_free_methods_check_their_samples_per_prompt(quick_demo, tmp_path
     """`rayalign train rloo` is `algo.estimator=rloo`: one sample per prompt has no baseline, said
     before anything starts; and the method and an explicit other estimator conflict by name."""
     sft0 = quick_demo / "sft" / "sft-0"
-    proc = run_cli("train", "rloo", "--config", "ppo", f"policy={sft0}", f"output={tmp_path / 'rloo'}",
-                   "rollout.n=1", check=False)
+    proc = run_cli_here("train", "rloo", "--config", "ppo", f"policy={sft0}", f"output={tmp_path / 'rloo'}",
+                   "rollout.n=1")
     assert proc.returncode == 2 and "rollout.n must be >= 2" in proc.stderr and not (tmp_path / "rloo").exists()
-    proc = run_cli("train", "grpo", "--config", "ppo", f"policy={sft0}", f"output={tmp_path / 'g'}",
-                   "algo.estimator=rloo", check=False)
+    proc = run_cli_here("train", "grpo", "--config", "ppo", f"policy={sft0}", f"output={tmp_path / 'g'}",
+                   "algo.estimator=rloo")
     assert proc.returncode == 2 and "rayalign train grpo uses algo.estimator='grpo'" in proc.stderr
     assert not (tmp_path / "g").exists()
