@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,14 +48,21 @@ def _lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 # ---- pre-training ---------------------------------------------------------------------------
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+    return _one_model_stage(cfg, resume, "pretrain", "pretrain", _pretrain)
+
+
+def _one_model_stage(cfg: PretrainConfig | RMConfig, resume: bool, name: str, desc: str,
+                     body: Callable[[Any, TrainState], None]) -> Path:
+    """A stage whose result is OUTPUT/model: claim OUTPUT, keep a finished model, else run
+    `body(cfg, state)` on every rank (here or on Ray Train)."""
     out = Path(cfg.output)
     claim_output(out, resume)
     if (out / "model").is_dir():
-        log.info("pretrain: %s already finished; kept", out / "model")
+        log.info("%s: %s already finished; kept", name, out / "model")
         return out / "model"
-    with stage_session(cfg.train, out, resume, ["pretrain"]):
+    with stage_session(cfg.train, out, resume, [name]):
         _write_config(out, cfg)
-        run_stage(cfg.train, partial(_pretrain, cfg), out, "pretrain", resume, "pretrain", cfg.learner.zero_stage)
+        run_stage(cfg.train, partial(body, cfg), out, name, resume, desc, cfg.learner.zero_stage)
     return expect_output(out / "model", cfg.train)
 
 
@@ -217,15 +225,7 @@ def rm_accuracy(model: torch.nn.Module, examples: list[dict[str, Any]], pad_id: 
 
 
 def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
-    out = Path(cfg.output)
-    claim_output(out, resume)
-    if (out / "model").is_dir():
-        log.info("rm: %s already finished; kept", out / "model")
-        return out / "model"
-    with stage_session(cfg.train, out, resume, ["rm"]):
-        _write_config(out, cfg)
-        run_stage(cfg.train, partial(_rm, cfg), out, "rm", resume, "reward model", cfg.learner.zero_stage)
-    return expect_output(out / "model", cfg.train)
+    return _one_model_stage(cfg, resume, "rm", "reward model", _rm)
 
 
 def _rm(cfg: RMConfig, state: TrainState) -> None:
