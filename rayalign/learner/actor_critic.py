@@ -20,8 +20,8 @@ from rayalign.config.schema import LearnerConfig, PPOAlgoConfig
 from rayalign.learner.dist import init_process_group
 from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.learner.policy import PolicyRank
-from rayalign.losses.logprobs import token_logprobs
 from rayalign.losses.advantages import ADVANTAGES
+from rayalign.losses.logprobs import token_logprobs
 from rayalign.losses.ppo import entropy, kl_penalty, masked_mean, policy_loss, value_loss
 from rayalign.models.checkpoint import CheckpointError, check_dir, is_local, load_causal_lm, load_tokenizer
 
@@ -101,6 +101,9 @@ class ActorCriticRank(PolicyRank):
         if kl_in_loss and "ref_logp" not in batch:
             raise ValueError(f"algo.estimator {a.estimator!r} with the KL as a loss term needs ref_logp in the batch")
         sum_norm = a.token_sum_norm if ADVANTAGES[a.estimator].token_sum_loss else None
+        if ADVANTAGES[a.estimator].token_sum_loss and sum_norm is None:
+            raise ValueError(f"algo.estimator {a.estimator!r} sums its loss over tokens: set algo.token_sum_norm "
+                             "(run_rl sets it to rollout.max_new_tokens)")
         cfg = self.actor.cfg
         mini = cfg.micro_batch_size * cfg.grad_accum
         n = batch["input_ids"].shape[0]
