@@ -66,19 +66,20 @@ def run(name: str, args: list[str], work: Path, kill: bool = False) -> dict:
     out = Path(args[2].removeprefix("output="))
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *args], cwd=ROOT,
-                            stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT)
     killed = None
     events = out / "logs" / f"ray-train-sft-{SEED}.jsonl"
-    while proc.poll() is None:
-        if kill and killed is None and events.is_file():
-            ev = [json.loads(line) for line in events.read_text().splitlines()]
-            ck = [e for e in ev if e["event"] == "checkpoint"]
-            if ck and time.time() - ck[0]["time"] > 3:  # registered by Ray's controller (2 s poll)
-                pid = next(w["pid"] for w in ev[0]["workers"] if w["rank"] == 1)
-                os.kill(pid, signal.SIGKILL)
-                killed = time.time()
-        time.sleep(0.05)
+    with open(work / f"{name}.log", "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "rayalign.cli", *args], cwd=ROOT, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if kill and killed is None and events.is_file():
+                ev = [json.loads(line) for line in events.read_text().splitlines()]
+                ck = [e for e in ev if e["event"] == "checkpoint"]
+                if ck and time.time() - ck[0]["time"] > 3:  # registered by Ray's controller (2 s poll)
+                    pid = next(w["pid"] for w in ev[0]["workers"] if w["rank"] == 1)
+                    os.kill(pid, signal.SIGKILL)
+                    killed = time.time()
+            time.sleep(0.05)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {work / f'{name}.log'}")
