@@ -100,10 +100,11 @@ class ActorCriticRank(PolicyRank):
         kl_in_loss = a.kl_in_loss
         if kl_in_loss and "ref_logp" not in batch:
             raise ValueError(f"algo.estimator {a.estimator!r} with the KL as a loss term needs ref_logp in the batch")
-        sum_norm = a.token_sum_norm if ADVANTAGES[a.estimator].token_sum_loss else None
-        if ADVANTAGES[a.estimator].token_sum_loss and sum_norm is None:
+        token_sum = ADVANTAGES[a.estimator].token_sum_loss
+        if token_sum and a.token_sum_norm is None:
             raise ValueError(f"algo.estimator {a.estimator!r} sums its loss over tokens: set algo.token_sum_norm "
                              "(run_rl sets it to rollout.max_new_tokens)")
+        sum_norm = a.token_sum_norm if token_sum else None
         cfg = self.actor.cfg
         mini = cfg.micro_batch_size * cfg.grad_accum
         n = batch["input_ids"].shape[0]

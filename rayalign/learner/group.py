@@ -90,9 +90,9 @@ class RankGroup:
 
 
 class LearnerGroup(RankGroup):
-    """PPO's learner group: every rank holds the actor and the critic (ActorCriticRank)."""
+    """PPO's learner group: every rank holds the actor and, unless `critic` is None, the critic (ActorCriticRank)."""
 
-    def __init__(self, plan: Any, cfg: LearnerGroupConfig, policy: str, critic: str, temperature: float = 1.0,
+    def __init__(self, plan: Any, cfg: LearnerGroupConfig, policy: str, critic: str | None, temperature: float = 1.0,
                  seed: int = 0, own_reference: bool = False, total_steps: int | None = None, wait: bool = True):
         super().__init__(plan, cfg.ranks, ActorCriticRank, wait=wait, policy=policy, critic=critic,
                          actor_cfg=cfg.actor.model_dump(), critic_cfg=cfg.critic.model_dump(),

@@ -165,7 +165,7 @@ class Roles:
             .remote(cfg.reference.models, cfg.reference.weights, r.temperature,
                     reference_dtype(cfg.reference.dtype, cfg.learner.actor.precision))
             for i in range(cfg.reference.workers)]
-        self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic if cfg.algo.needs_critic else None,
+        self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic,  # None: resolve_roles chose no critic
                                      r.temperature, cfg.seed, own_reference=self.own_reference,
                                      total_steps=cfg.optimizer_steps, wait=False)
         self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
