@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,7 +74,6 @@ def run_cli_killed_after_save(args: list[str], out: Path, iteration: int, log_pa
     between the check and the kill)."""
     import json
     import signal
-    import time
 
     controller = out / "state" / "controller.json"
 
@@ -148,7 +148,6 @@ def ray_head(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     import secrets
     import signal
     import tempfile
-    import time
 
     import psutil
 
@@ -197,7 +196,11 @@ def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         job = [str(RAY_BIN), "job", "submit", "--address", address, "--submission-id", "quick-demo",
                "--runtime-env", str(ROOT / "clusters/runtime_env/laptop.yaml"), "--",
                sys.executable, "-m", "rayalign.cli", "demo", "--quick", "--out", str(out)]
-        proc = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        for _ in range(30):  # the job server answers before the node's agent takes jobs (slow on a loaded box)
+            proc = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+            if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr + proc.stdout:
+                break
+            time.sleep(2)
         status = subprocess.run([str(RAY_BIN), "job", "status", "--address", address, "quick-demo"], env=env,
                                 capture_output=True, text=True)
         (tmp / "job.log").write_text(proc.stdout + proc.stderr)

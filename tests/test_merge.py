@@ -14,6 +14,7 @@ from rayalign.merge import kernels
 from rayalign.merge.coefficients import backbone_rewards, bone_matrix, bone_soup_coefficients
 from rayalign.merge.engine import MergeValidationError, merge_into, merge_state_dicts, merge_to_disk
 from rayalign.merge.io import Checkpoint, MergeInputError, read_state_dict
+from rayalign.merge.methods import MERGE_METHODS, MergeMethod, Plan, merge_method, preference_methods, register_merge_method
 from rayalign.merge.spec import MergeSpec, parse_spec, resolve
 from rayalign.models.checkpoint import save_model
 from rayalign.models.presets import model_config
@@ -54,6 +55,58 @@ def test_bone_soup_closed_form_matches_numpy_inverse():
     np.testing.assert_allclose(backbone_rewards(np.array([1.0, 0.0]), 0.7), [0.7, 0.3])
     with pytest.raises(ValueError, match=r"beta must lie in \(1/2, 1\)"):
         bone_soup_coefficients([0.5, 0.5], 0.4)
+
+
+def test_merge_method_registry_holds_each_methods_coefficients():
+    assert sorted(MERGE_METHODS) == ["bone_soup", "expo", "linear", "task_arithmetic"]
+    assert preference_methods() == ["linear", "bone_soup"]
+    bone = merge_method("bone_soup")
+    # lambda = B^-1 mu = (mu - c) / (beta - c), c = 0.3: (1 - 0.3) / 0.4 = 1.75, (0 - 0.3) / 0.4 = -0.75
+    assert bone.preference_coefficients([1.0, 0.0], beta=0.7) == pytest.approx([1.75, -0.75])
+    # k = 1.2 against the SFT anchor: 1.2 * lambda, then 1 - 1.2 = -0.2 on the anchor
+    assert bone.preference_coefficients([1.0, 0.0], beta=0.7, k=1.2) == pytest.approx([2.1, -0.9, -0.2])
+    assert bone.preference_coefficients([1.0, 0.0], beta=0.7, anchor=True) == pytest.approx([1.75, -0.75, 0.0])
+    assert merge_method("linear").preference_coefficients([0.3, 0.7]) == pytest.approx([0.3, 0.7])
+    with pytest.raises(ValueError, match="extrapolates against an anchor model"):
+        merge_method("linear").preference_coefficients([0.3, 0.7], k=1.5, anchor=False)
+    with pytest.raises(ValueError, match="does not map a preference"):
+        merge_method("expo").preference_coefficients([0.3, 0.7])
+    with pytest.raises(ValueError, match="unknown merge method 'ties'; registered: bone_soup, expo, linear, "
+                                         "task_arithmetic"):
+        merge_method("ties")
+    with pytest.raises(ValueError, match="unknown merge method 'ties'; registered: "):
+        MergeSpec(method="ties", models=[{"model": "a", "weight": 1.0}])
+    # the spec's plan is the method's: effective coefficients on the inputs in kernel order
+    spec = MergeSpec(method="bone_soup", models=[{"model": "a"}, {"model": "b"}], mu=[1.0, 0.0], beta=0.7,
+                     base_model="sft", k=1.2)
+    plan = resolve(spec)
+    assert plan.paths == ["a", "b", "sft"] and plan.coefficients == pytest.approx([2.1, -0.9, -0.2])
+    assert plan.kernel([A, B, C]).tolist() == pytest.approx((2.1 * A - 0.9 * B - 0.2 * C).tolist())
+
+
+def test_a_registered_merge_method_is_one_class():
+    @register_merge_method
+    class Difference(MergeMethod):  # theta_a - theta_b, a made-up method for the test
+        name = "difference_for_test"
+        paper = "none"
+
+        def check(self, spec):
+            if len(spec.models) != 2:
+                raise ValueError("difference_for_test needs exactly 2 models")
+
+        def plan(self, spec):
+            a, b = (e.model for e in spec.models)
+            return Plan([a, b], lambda ts: kernels.linear(ts, [1.0, -1.0]), [1.0, -1.0], a)
+
+    try:
+        spec = MergeSpec(method="difference_for_test", models=[{"model": "a"}, {"model": "b"}])
+        assert resolve(spec).kernel([A, B]).tolist() == [-2.0, -2.0]
+        with pytest.raises(ValueError, match="needs exactly 2 models"):
+            MergeSpec(method="difference_for_test", models=[{"model": "a"}])
+        with pytest.raises(ValueError, match="already registered"):
+            register_merge_method(Difference)
+    finally:
+        MERGE_METHODS.pop("difference_for_test")
 
 
 def test_spec_validation_errors():

@@ -84,6 +84,9 @@ def test_family_config_errors():
         FamilyConfig(name="f", models=["a", "b", "c"], objectives=["x", "y"])
     with pytest.raises(ValueError, match="bone_soup needs beta"):
         FamilyConfig(name="f", kind="bone_soup", models=["a", "b"], objectives=["x", "y"])
+    with pytest.raises(ValueError, match="'expo' is not a merge method that takes a preference; use one of "
+                                         "\\['linear', 'bone_soup'\\]"):
+        FamilyConfig(name="f", kind="expo", models=["a", "b"], objectives=["x", "y"])
     with pytest.raises(ValueError, match="soup 's' has 1 weights"):
         FamilyConfig(name="f", models=["a", "b"], objectives=["x", "y"], soups={"s": [1.0]})
     with pytest.raises(ValueError, match="name"):

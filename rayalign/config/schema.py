@@ -677,8 +677,9 @@ class FamilyConfig(Strict):
     `objectives` (one ingredient per objective), or for one of its named soups."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the model id clients ask for")
-    kind: Literal["linear", "bone_soup"] = Field("linear", description="linear: theta = sum mu_i theta_i (Rewarded / "
-                                                 "Personalized Soups); bone_soup: lambda = B^-1 mu")
+    kind: str = Field("linear", description="a merge method that maps a preference to coefficients "
+                      "(rayalign.merge.methods): linear: theta = sum mu_i theta_i (Rewarded / Personalized Soups); "
+                      "bone_soup: lambda = B^-1 mu")
     models: list[str] = Field(..., min_length=2, description="ingredient directories, relative to the model store")
     objectives: list[str] = Field(..., min_length=2, description="what each entry of mu weighs, one per model")
     beta: float | None = Field(None, gt=0.5, lt=1.0, description="bone_soup: diagonal of B")
@@ -691,6 +692,16 @@ class FamilyConfig(Strict):
         "sum r_i) through vLLM's multi-LoRA, so requests of every preference share a batch; needs LoRA "
         "ingredients on one base (and base_model that base, or an adapter on it). full: merged full weights, "
         "swapped in between batches. auto: adapter when the ingredients allow it")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from rayalign.merge.methods import preference_methods
+
+        if v not in preference_methods():
+            raise ValueError(f"family kind {v!r} is not a merge method that takes a preference; use one of "
+                             f"{preference_methods()}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> FamilyConfig:

@@ -70,11 +70,12 @@ def metric_lines(series: dict[str, list[np.ndarray]], out: str | Path, ylabel: s
 
 
 def xy_lines(series: dict[str, tuple[list[float], list[float]]], out: str | Path, xlabel: str, ylabel: str,
-             title: str, logx: bool = False) -> Path:
-    """One marked line per name through its (x, y) points (for example entropy against alpha)."""
+             title: str, logx: bool = False, markers_only: bool = False) -> Path:
+    """One marked line per name through its (x, y) points (for example entropy against alpha);
+    with `markers_only`, the points alone (for example one per seed)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name, (x, y) in series.items():
-        ax.plot(x, y, marker="o", label=name)
+        ax.plot(x, y, marker="o", linestyle="none" if markers_only else "-", label=name)
     if logx:
         ax.set_xscale("log", base=2)
     return _finish(fig, ax, out, xlabel, ylabel, title)

@@ -7,7 +7,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rayalign.utils.io import atomic_write_json, atomic_write_text
+
+
+def mean_se(xs: list[float]) -> list[float]:
+    """[mean, standard error] over seeds (0 for a single seed)."""
+    return [float(np.mean(xs)), float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0]
 
 
 def demo_parser(doc: str, needs: str) -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from rayalign.distributed.cluster import connect
 from rayalign.eval.gold import GoldResult, evaluate, win_rate
 from rayalign.eval.kl import sequence_kl
 from rayalign.eval.plots import metric_lines, reward_kl_curves
+from rayalign.experiments.common import mean_se
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.ppo import run_rl
 from rayalign.reference.worker import ReferenceWorker
@@ -128,22 +129,19 @@ def run(demo: Path, out: Path, seeds: list[int], steps: int, beta: float, hack_b
     matched = matched_kl(runs, ev, seeds)
     final = {m: [evals[f"{m}-s{s}"] for s in seeds] for m in ("ppo", "salsa")}
 
-    def ms(xs: list[float]) -> list[float]:
-        return [float(np.mean(xs)), float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0]
-
     hack_rows = _metrics(runs["salsa-hack"])
     alarm_steps = [int(r["step"]) for r in hack_rows if r["monitor/collapse"]]
     results: dict[str, Any] = {
         "seeds": seeds, "steps": steps, "beta": beta, "prompts": ev["prompts"], "samples": ev["samples"],
         "sft0": evals["sft-0"],
-        "final": {m: {"gold": ms([e["combined"] for e in final[m]]), "kl_ref": ms([e["kl_ref"] for e in final[m]]),
-                      "kl_sft0": ms([e["kl_sft0"] for e in final[m]]),
-                      "mean_words": ms([e["mean_words"] for e in final[m]])} for m in final},
-        "win_rate_final_salsa_over_ppo": ms([win_rate(ev["gold"][f"salsa-s{s}"], ev["gold"][f"ppo-s{s}"])
+        "final": {m: {"gold": mean_se([e["combined"] for e in final[m]]), "kl_ref": mean_se([e["kl_ref"] for e in final[m]]),
+                      "kl_sft0": mean_se([e["kl_sft0"] for e in final[m]]),
+                      "mean_words": mean_se([e["mean_words"] for e in final[m]])} for m in final},
+        "win_rate_final_salsa_over_ppo": mean_se([win_rate(ev["gold"][f"salsa-s{s}"], ev["gold"][f"ppo-s{s}"])
                                               for s in seeds]),
-        "win_rate_over_sft0": {m: ms([win_rate(ev["gold"][f"{m}-s{s}"], ev["gold"]["sft-0"]) for s in seeds])
+        "win_rate_over_sft0": {m: mean_se([win_rate(ev["gold"][f"{m}-s{s}"], ev["gold"]["sft-0"]) for s in seeds])
                                for m in ("ppo", "salsa")},
-        "matched_kl": matched, "win_rate_matched_kl": ms([r["salsa_win_rate"] for r in matched]),
+        "matched_kl": matched, "win_rate_matched_kl": mean_se([r["salsa_win_rate"] for r in matched]),
         "kl_hack": {"beta": hack_beta, "estimator": hack_estimator, "first_length": hack_rows[0]["response/length"],
                     "last_length": hack_rows[-1]["response/length"], "min_length": min(r["response/length"]
                                                                                         for r in hack_rows),

@@ -22,7 +22,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
 from rayalign.config.core import load_config
@@ -32,6 +31,7 @@ from rayalign.eval.diversity import diversity
 from rayalign.eval.gold import GoldResult, evaluate, win_rate
 from rayalign.eval.kl import sequence_kl
 from rayalign.eval.plots import reward_kl_curves, xy_lines
+from rayalign.experiments.common import mean_se
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.preference import run_preference
 from rayalign.utils.io import atomic_write_json, atomic_write_text
@@ -68,7 +68,7 @@ def evaluate_runs(demo: Path, runs: dict[str, Path], n_prompts: int, samples: in
     prompts = split_prompts(0)["test"][:n_prompts]
     sft0, tok = load_causal_lm(demo / "sft" / "sft-0")
     evals, gold = {}, {}
-    for name, path in {"sft-0": demo / "sft" / "sft-0", **{k: v / "policy" for k, v in runs.items()}}.items():
+    for name, path in {"sft-0": demo / "sft" / "sft-0", **{k: v / "policy" for k, v in runs.itemean_se()}}.itemean_se():
         model, _ = load_causal_lm(path)
         g = evaluate(name, model, tok, prompts, n=samples, max_new_tokens=max_new_tokens, seed=1234)
         kl = sequence_kl(model, sft0, tok, prompts, n=samples, max_new_tokens=max_new_tokens, seed=99)
@@ -80,10 +80,6 @@ def evaluate_runs(demo: Path, runs: dict[str, Path], n_prompts: int, samples: in
         log.info("evaluated %s: gold %.3f, drift KL %.2f, entropy %.2f, distinct %.2f", name, s["combined"], kl.mean,
                  div.token_entropy, div.distinct)
     return evals, gold
-
-
-def ms(xs: list[float]) -> list[float]:
-    return [float(np.mean(xs)), float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0]
 
 
 def run(demo: Path, out: Path, seeds: list[int], alpha: float, alphas: list[float], kl_coef: float, n_prompts: int,
@@ -102,14 +98,14 @@ def run(demo: Path, out: Path, seeds: list[int], alpha: float, alphas: list[floa
     results: dict[str, Any] = {
         "seeds": seeds, "alpha": alpha, "kl_coef": kl_coef, "overrides": overrides, "prompts": n_prompts,
         "samples": samples, "sft0": evals["sft-0"],
-        "final": {k: {m: ms([e[m] for e in per[k]]) for m in ("combined", "drift_kl", "token_entropy", "distinct",
+        "final": {k: {m: mean_se([e[m] for e in per[k]]) for m in ("combined", "drift_kl", "token_entropy", "distinct",
                                                              "mean_words")} for k in kinds},
-        "win_over_sft0": {k: ms([win_rate(gold[f"{k}-s{s}"], gold["sft-0"]) for s in seeds]) for k in kinds},
-        "spo_over_dpo": ms([win_rate(gold[f"spo-s{s}"], gold[f"dpo-s{s}"]) for s in seeds]),
-        "spo_over_spo_nokl": ms([win_rate(gold[f"spo-s{s}"], gold[f"spo_nokl-s{s}"]) for s in seeds]),
+        "win_over_sft0": {k: mean_se([win_rate(gold[f"{k}-s{s}"], gold["sft-0"]) for s in seeds]) for k in kinds},
+        "spo_over_dpo": mean_se([win_rate(gold[f"spo-s{s}"], gold[f"dpo-s{s}"]) for s in seeds]),
+        "spo_over_spo_nokl": mean_se([win_rate(gold[f"spo-s{s}"], gold[f"spo_nokl-s{s}"]) for s in seeds]),
         "alpha_sweep": [{"alpha": a, "run": r, **{m: evals[r][m] for m in ("token_entropy", "distinct", "combined",
                                                                           "drift_kl")}}
-                        for a, r in sorted(alpha_runs.items())],
+                        for a, r in sorted(alpha_runs.itemean_se())],
         "evals": evals,
     }
     names = {"spo": f"SPO (alpha={alpha:g}, KL {kl_coef:g})", "spo_nokl": "SPO without global KL", "dpo": "DPO"}

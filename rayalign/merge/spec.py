@@ -28,20 +28,18 @@ Any model may be a PEFT LoRA directory (read as base + B A). mergekit YAML (meth
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rayalign.config.core import ConfigError, Strict, apply_overrides, read_yaml_mapping
-from rayalign.merge import kernels
-from rayalign.merge.coefficients import bone_soup_coefficients, extrapolated
+from rayalign.merge.methods import Kernel, Plan, merge_method
 from rayalign.utils.device import DTYPES
 
-Kernel = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+__all__ = ["Kernel", "MergeSpec", "Plan", "load_spec", "parse_spec", "resolve"]
+
 OUT_DTYPES = DTYPES  # the output dtypes a spec may name
 
 
@@ -51,7 +49,8 @@ class ModelEntry(Strict):
 
 
 class MergeSpec(Strict):
-    method: Literal["linear", "task_arithmetic", "expo", "bone_soup"]
+    method: str = Field(..., description="a registered merge method (rayalign.merge.methods): linear, "
+                        "task_arithmetic, expo, bone_soup")
     models: list[ModelEntry] = Field(default_factory=list)
     base_model: str | None = None
     normalize: bool = Field(False, strict=True)
@@ -66,76 +65,26 @@ class MergeSpec(Strict):
         "auto", description="PEFT adapters among the models: 'adapter' writes one exact combined adapter (rank "
         "sum r_i), 'full' the merged full model; 'auto' an adapter when the merge is one")
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        merge_method(v)  # names the registered methods when v is not one
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> MergeSpec:
-        m = self.method
         if not self.models:
             raise ValueError("models: the model list is empty")
         for i, e in enumerate(self.models):
             if e.weight is not None and not math.isfinite(e.weight):
                 raise ValueError(f"models[{i}].weight is not finite ({e.weight}) for {e.model}")
-        if m in ("linear", "task_arithmetic"):
-            missing = [e.model for e in self.models if e.weight is None]
-            if missing:
-                raise ValueError(f"{m} needs a weight for every model; missing for {missing}")
-        if m == "linear" and len(self.models) < 2:
-            raise ValueError(f"linear merge needs at least 2 models, got {len(self.models)}")
-        if m == "linear" and self.normalize and abs(sum(e.weight or 0 for e in self.models)) < 1e-8:
-            raise ValueError("normalize: the weights sum to 0, cannot normalise")
-        if m == "task_arithmetic" and not self.base_model:
-            raise ValueError("task_arithmetic needs base_model")
-        if m == "expo":
-            if self.alpha is None or not math.isfinite(self.alpha):
-                raise ValueError("expo needs a finite alpha")
-            if not self.base_model or len(self.models) != 1:
-                raise ValueError("expo needs base_model (theta_0, the SFT model) and exactly one model (theta_1)")
-        if m == "bone_soup":
-            if self.mu is None or self.beta is None:
-                raise ValueError("bone_soup needs mu (one entry per model) and beta")
-            if len(self.mu) != len(self.models):
-                raise ValueError(f"bone_soup: mu has {len(self.mu)} entries for {len(self.models)} backbone models")
-            if self.k < 1.0 or not math.isfinite(self.k):
-                raise ValueError(f"bone_soup: k must be >= 1, got {self.k}")
-            if self.k != 1.0 and not self.base_model:
-                raise ValueError("bone_soup: k != 1 extrapolates against base_model, which is missing")
-            bone_soup_coefficients(self.mu, self.beta)  # validates beta and mu
+        merge_method(self.method).check(self)
         return self
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """A spec turned into: input paths (in the order the kernel takes them), the kernel, and the
-    effective linear coefficients on those inputs (for reports and for the in-memory API)."""
-
-    paths: list[str]
-    kernel: Kernel
-    coefficients: list[float]
-    template: str  # model whose config and tokenizer the output takes
-
-
-def resolve(spec: MergeSpec) -> Resolved:
-    names = [e.model for e in spec.models]
-    w = [float(e.weight) if e.weight is not None else 0.0 for e in spec.models]
-    if spec.method == "linear":
-        total = sum(w) if spec.normalize else 1.0
-        return Resolved(names, lambda ts: kernels.linear(ts, w, spec.normalize), [x / total for x in w], names[0])
-    if spec.method == "task_arithmetic":
-        assert spec.base_model
-        total = sum(w) if spec.normalize and abs(sum(w)) >= 1e-8 else 1.0
-        eff = [x / total for x in w]
-        return Resolved([spec.base_model, *names], lambda ts: kernels.task_arithmetic(ts[0], ts[1:], w, spec.normalize),
-                        [1.0 - sum(eff), *eff], spec.base_model)
-    if spec.method == "expo":
-        assert spec.base_model and spec.alpha is not None
-        a = spec.alpha
-        return Resolved([spec.base_model, names[0]], lambda ts: kernels.expo(ts[0], ts[1], a), [-a, 1.0 + a], names[0])
-    lam = [float(x) for x in bone_soup_coefficients(spec.mu, spec.beta)]  # type: ignore[arg-type]
-    if spec.k == 1.0:
-        return Resolved(names, lambda ts: kernels.linear(ts, lam), lam, names[0])
-    k = spec.k
-    assert spec.base_model
-    return Resolved([*names, spec.base_model], lambda ts: kernels.extrapolate(kernels.linear(ts[:-1], lam), ts[-1], k),
-                    extrapolated(lam, k), names[0])
+def resolve(spec: MergeSpec) -> Plan:
+    """The spec's merge plan, from its registered method (rayalign.merge.methods)."""
+    return merge_method(spec.method).plan(spec)
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> MergeSpec:

@@ -34,7 +34,7 @@ from rayalign.distributed.cluster import connect
 from rayalign.eval.merged import MergedModel, rollout_scores
 from rayalign.eval.pareto import controllability, hypervolume, preference_grid
 from rayalign.eval.plots import pareto_fronts, xy_lines
-from rayalign.merge.coefficients import bone_matrix, bone_soup_coefficients, extrapolated
+from rayalign.merge.methods import BoneSoup, merge_method
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.ppo import load_prompts, run_rl
 from rayalign.reward.conditioning import PreferenceConditioning
@@ -81,7 +81,7 @@ def training_runs(cfg: SoupsConfig) -> dict[str, list[str]]:
             runs[f"personal-{o}"] = ["reward.kind=model", f"reward.model={cfg.personalized_reward_model}",
                                      f"reward.weights={_on(objs, eye[i], heads)}", f"critic={cfg.policy}"]
     if "bone" in cfg.methods:
-        B = bone_matrix(k, cfg.bone_beta)
+        B = BoneSoup.backbone_matrix(k, cfg.bone_beta)
         for j in range(k):
             runs[f"backbone-{j}"] = [f"reward.weights={_on(objs, B[j], list(OBJECTIVES))}"]
     if "morl" in cfg.methods:
@@ -189,7 +189,8 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
         names = tuple(f"{prefix}-{o}" for o in objs)
         if names not in soup_fronts:
             merged = MergedModel([policies[n] for n in names])
-            soup_fronts[names] = test.front(grid, lambda mu: (merged.set(mu), merged.tok, None), desc)
+            coefficients = merge_method("linear").preference_coefficients
+            soup_fronts[names] = test.front(grid, lambda mu: (merged.set(coefficients(mu)), merged.tok, None), desc)
         return soup_fronts[names]
 
     if "rewarded" in cfg.methods:
@@ -201,7 +202,8 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
         merged = MergedModel([*(policies[f"backbone-{j}"] for j in range(k)), cfg.policy])
 
         def bone(kk: float) -> Callable[[np.ndarray], tuple[Any, Any, None]]:
-            return lambda mu: (merged.set(extrapolated(bone_soup_coefficients(mu, cfg.bone_beta), kk)), merged.tok, None)
+            coefficients = merge_method("bone_soup").preference_coefficients
+            return lambda mu: (merged.set(coefficients(mu, cfg.bone_beta, kk, anchor=True)), merged.tok, None)
 
         dev_hv = {}
         for kk in cfg.bone_k:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rayalign.config.schema import FamilyConfig
-from rayalign.merge.coefficients import bone_soup_coefficients, extrapolated
+from rayalign.merge.methods import merge_method
 
 
 class PreferenceError(ValueError):
@@ -80,11 +80,8 @@ class Family:
 
     def coefficients(self, mu: np.ndarray) -> list[float]:
         """Coefficients on `self.sources()` (the ingredients, then the anchor when k != 1)."""
-        if self.cfg.kind == "linear":
-            lam = mu
-        else:
-            lam = bone_soup_coefficients(mu, self.cfg.beta)  # type: ignore[arg-type]
-        return extrapolated(lam, self.cfg.k) if self.anchor is not None else [float(x) for x in lam]
+        return merge_method(self.cfg.kind).preference_coefficients(mu, self.cfg.beta, self.cfg.k,
+                                                                  anchor=self.anchor is not None)
 
     def sources(self) -> list[Path]:
         return [*self.paths, self.anchor] if self.anchor is not None else list(self.paths)
