@@ -186,31 +186,26 @@ def merge(
     typer.echo(f"coefficients on {report.inputs}: {[round(c, 6) for c in report.coefficients]}")
 
 
-PREFERENCE_METHODS = ("spo", "dpo", "ipo")  # rayalign.recipes.preference; the others are rayalign.recipes.ppo's
+def _train_methods() -> dict[str, str]:
+    """`rayalign train` methods from the registries: ppo and salsa (PPO with GAE, pi_ref SFT or a soup),
+    one per critic-free advantage estimator (rayalign.losses.advantages) and one per preference loss
+    (rayalign.losses.preference)."""
+    from rayalign.losses.advantages import critic_free_estimators
+    from rayalign.losses.preference import PREFERENCE_LOSSES
+
+    return {m: m for m in ("ppo", "salsa", *critic_free_estimators(), *PREFERENCE_LOSSES)}
 
 
-class Method(str, Enum):
-    """The methods of `rayalign train`: rayalign.recipes.ppo.METHODS (ppo, salsa and one per critic-free
-    estimator of rayalign.losses.advantages; tests check they agree) and PREFERENCE_METHODS."""
-
-    ppo = "ppo"
-    salsa = "salsa"
-    grpo = "grpo"
-    dr_grpo = "dr_grpo"
-    rloo = "rloo"
-    reinforce_pp = "reinforce_pp"
-    spo = "spo"
-    dpo = "dpo"
-    ipo = "ipo"
+Method = Enum("Method", _train_methods(), type=str)  # type: ignore[misc]
 
 
 @app.command()
 def train(
     method: Annotated[Method, typer.Argument(
         help="ppo: PPO with the SFT model as reference; salsa: PPO with a soup reference; grpo / dr_grpo / rloo "
-             "/ reinforce_pp: critic-free estimators, with any reference (reference.models=[A,B] for a soup); "
-             "spo: soft preference optimisation with an online global KL; dpo / ipo: the offline baselines on the "
-             "same pairs")],
+             "/ reinforce_pp (any registered advantage estimator): critic-free, with any reference "
+             "(reference.models=[A,B] for a soup); spo: soft preference optimisation with an online global KL; "
+             "dpo / ipo (any registered preference loss): the offline baselines on the same pairs")],
     config: ConfigOpt = None, overrides: Overrides = None, resume: ResumeOpt = False,
 ) -> None:
     """RLHF and preference optimisation on Ray (rollout, reward, reference and learner actors). Starts
@@ -218,7 +213,9 @@ def train(
     from rayalign.config.schema import PrefConfig, RLConfig
     from rayalign.distributed.placement import PlacementError
 
-    if method.value not in PREFERENCE_METHODS:
+    from rayalign.losses.preference import PREFERENCE_LOSSES
+
+    if method.value not in PREFERENCE_LOSSES:
         from rayalign.recipes.ppo import ESTIMATOR_METHODS
         from rayalign.recipes.ppo import run_rl as run
         # `train grpo` is `algo.estimator=grpo`, validated with the config (a later override still wins,

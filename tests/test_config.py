@@ -130,8 +130,10 @@ def test_estimator_names_come_from_the_registry_and_decide_critic_and_kl():
 
 
 def test_cli_train_methods_are_the_registrys():
-    from rayalign.cli import PREFERENCE_METHODS, Method
+    from rayalign.cli import Method
     from rayalign.losses.advantages import ADVANTAGES
+    from rayalign.losses.preference import PREFERENCE_LOSSES
 
     critic_free = {name for name in ADVANTAGES if name != "gae"}
-    assert {m.value for m in Method} == {"ppo", "salsa"} | critic_free | set(PREFERENCE_METHODS)
+    assert {m.value for m in Method} == {"ppo", "salsa"} | critic_free | set(PREFERENCE_LOSSES)
+    assert {"grpo", "dr_grpo", "rloo", "reinforce_pp", "spo", "dpo", "ipo"} <= {m.value for m in Method}

@@ -194,3 +194,40 @@ def test_policy_loss_token_sum_divides_by_samples_times_the_constant():
     sum_loss, _ = policy_loss(logp, logp, adv, mask, token_sum_norm=4)
     assert mean_loss.item() == pytest.approx(-(1 + 1 - 1) / 3)
     assert sum_loss.item() == pytest.approx(-(1 + 1 - 1) / (2 * 4))
+
+
+def test_policy_loss_registry_hand_computed():
+    """clip is PPO's surrogate; dual_clip (arXiv 1912.09729) bounds negative-advantage tokens below by
+    c A; gspo (arXiv 2507.18071) clips one length-normalised ratio per sequence."""
+    from rayalign.losses.policy import POLICY_LOSSES, PolicyLossInputs, policy_loss_fn
+
+    assert sorted(POLICY_LOSSES) == ["clip", "dual_clip", "gspo"]
+    mask = torch.ones(1, 2)
+    logp, old = torch.log(torch.tensor([[5.0, 0.5]])), torch.zeros(1, 2)
+    x = PolicyLossInputs(logp, old, -torch.ones(1, 2), mask, clip=0.2, dual_clip=3.0)
+    # clip: min(-5, -1.2) = -5 and min(-0.5, -0.8) = -0.8 -> loss (5 + 0.8) / 2
+    assert policy_loss_fn("clip").fn(x)[0].item() == pytest.approx((5.0 + 0.8) / 2)
+    # dual clip: the first token is bounded by 3 * A = -3 -> loss (3 + 0.8) / 2
+    loss, m = policy_loss_fn("dual_clip").fn(x)
+    assert loss.item() == pytest.approx((3.0 + 0.8) / 2) and m["dual_clip_fraction"] == pytest.approx(0.5)
+    # positive advantages: dual clip is the plain clipped surrogate, min(5, 1.2), min(0.5, 0.8)
+    xp = PolicyLossInputs(logp, old, torch.ones(1, 2), mask, clip=0.2)
+    assert policy_loss_fn("dual_clip").fn(xp)[0].item() == pytest.approx(-(1.2 + 0.5) / 2)
+    # gspo: s = exp(mean(log 5, log 0.5)) = sqrt(2.5) = 1.5811 for A = 1 -> min(1.5811, 1.2) = 1.2;
+    # second sequence with ratios 1, 1 and A = -2 (mean of -1, -3): s = 1 -> -2
+    g_logp = torch.cat([logp, torch.zeros(1, 2)])
+    g = PolicyLossInputs(g_logp, torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [-1.0, -3.0]]), torch.ones(2, 2), clip=0.2)
+    loss, m = policy_loss_fn("gspo").fn(g)
+    assert loss.item() == pytest.approx(-(1.2 - 2.0) / 2) and m["clip_fraction"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown policy loss 'cispo'; registered: clip, dual_clip, gspo"):
+        policy_loss_fn("cispo")
+
+
+def test_policy_loss_config_names_the_registered_ones():
+    from rayalign.config.core import ConfigError, load_config
+    from rayalign.config.schema import RLConfig
+
+    cfg = load_config(RLConfig, None, ["policy=p", "output=o", "algo.policy_loss=dual_clip", "algo.dual_clip=2"])
+    assert cfg.algo.policy_loss == "dual_clip" and cfg.algo.dual_clip == 2.0
+    with pytest.raises(ConfigError, match="unknown policy loss 'ppo2'; registered: clip, dual_clip, gspo"):
+        load_config(RLConfig, None, ["policy=p", "output=o", "algo.policy_loss=ppo2"])

@@ -5,7 +5,18 @@ import pytest
 import torch
 
 from rayalign.losses.logprobs import full_kl
-from rayalign.losses.preference import dpo_loss, global_kl, ipo_loss, sequence_logprob, spo_loss, spo_weight
+from rayalign.config.schema import PrefAlgoConfig
+from rayalign.losses.preference import (
+    PREFERENCE_LOSSES,
+    PairLogprobs,
+    dpo_loss,
+    global_kl,
+    ipo_loss,
+    preference_loss,
+    sequence_logprob,
+    spo_loss,
+    spo_weight,
+)
 
 W = torch.tensor([-1.0, -2.0])
 L = torch.tensor([-2.0, -1.0])
@@ -44,6 +55,24 @@ def test_dpo_and_ipo_hand_computed():
     # the reference shifts DPO's margin: h = (W - [-0.5, -0.5]) - (L - L) = [-0.5, -1.5]
     # -> -(log sigmoid(-0.5) + log sigmoid(-1.5)) / 2 = (0.974077 + 1.701413) / 2
     assert float(dpo_loss(W, L, torch.tensor([-0.5, -0.5]), L, 1.0)) == pytest.approx(1.337745, abs=1e-6)
+
+
+def test_preference_loss_registry():
+    assert sorted(PREFERENCE_LOSSES) == ["dpo", "ipo", "spo"]
+    a = PrefAlgoConfig(alpha=2.0, dpo_beta=0.5, ipo_tau=0.25)
+    rw, rl = torch.tensor([-1.5, -1.5]), torch.tensor([-1.5, -1.5])
+    spo, dpo, ipo = (preference_loss(n) for n in ("spo", "dpo", "ipo"))
+    assert not spo.needs_reference and spo.online_kl and dpo.needs_reference and not dpo.online_kl
+    # the registered entries are the pure functions above with the config's parameters
+    assert float(spo.fn(PairLogprobs(W, L), a)) == pytest.approx((0.126928 + 2.126928) / 4, abs=1e-6)
+    # h = (W - rw) - (L - rl) = W - L = (+1, -1): DPO beta 0.5 -> -(log sigmoid(0.5) + log sigmoid(-0.5)) / 2
+    assert float(dpo.fn(PairLogprobs(W, L, rw, rl), a)) == pytest.approx((0.474077 + 0.974077) / 2, abs=1e-6)
+    # IPO tau 0.25 -> target 2: ((1 - 2)^2 + (-1 - 2)^2) / 2 = 5
+    assert float(ipo.fn(PairLogprobs(W, L, rw, rl), a)) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="needs pi_ref's log-probs"):
+        dpo.fn(PairLogprobs(W, L), a)
+    with pytest.raises(ValueError, match="unknown preference loss 'kto'; registered: dpo, ipo, spo"):
+        preference_loss("kto")
 
 
 def test_sequence_logprob_and_global_kl_use_the_mask():

@@ -328,6 +328,10 @@ class PPOAlgoConfig(Strict):
 
     estimator: str = Field("gae", description="advantage estimator (rayalign.losses.advantages.ADVANTAGES): "
                            "gae (PPO, trains a critic), grpo, dr_grpo, rloo, reinforce_pp (critic-free)")
+    policy_loss: str = Field("clip", description="policy loss (rayalign.losses.policy.POLICY_LOSSES): clip (PPO), "
+                             "dual_clip (dual-clip PPO, bound algo.dual_clip), gspo (sequence-level ratio; its paper "
+                             "clips at ~4e-4: set algo.clip)")
+    dual_clip: float = Field(3.0, gt=1, description="dual_clip: negative-advantage tokens lose at most this times A")
     kl_mode: Literal["auto", "reward", "loss"] = Field(
         "auto", description="where -beta KL(pi || pi_ref) enters: per-token in the reward (kl_estimator), or as "
         "a k3 loss term on the policy; auto: the estimator's paper (loss for grpo / dr_grpo, else reward)")
@@ -356,6 +360,14 @@ class PPOAlgoConfig(Strict):
 
         if v not in ADVANTAGES:
             raise ValueError(f"unknown advantage estimator {v!r}; registered: {', '.join(sorted(ADVANTAGES))}")
+        return v
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _policy_loss(cls, v: str) -> str:
+        from rayalign.losses.policy import policy_loss_fn
+
+        policy_loss_fn(v)  # names the registered losses when v is not one
         return v
 
     @property

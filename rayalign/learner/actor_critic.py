@@ -22,7 +22,8 @@ from rayalign.learner.engine import Learner, wrap_lora
 from rayalign.learner.policy import PolicyRank
 from rayalign.losses.advantages import ADVANTAGES
 from rayalign.losses.logprobs import token_logprobs
-from rayalign.losses.ppo import entropy, kl_penalty, masked_mean, policy_loss, value_loss
+from rayalign.losses.policy import PolicyLossInputs, policy_loss_fn
+from rayalign.losses.ppo import entropy, kl_penalty, masked_mean, value_loss
 from rayalign.models.checkpoint import CheckpointError, check_dir, is_local, load_causal_lm, load_tokenizer
 
 
@@ -105,6 +106,7 @@ class ActorCriticRank(PolicyRank):
             raise ValueError(f"algo.estimator {a.estimator!r} sums its loss over tokens: set algo.token_sum_norm "
                              "(run_rl sets it to rollout.max_new_tokens)")
         sum_norm = a.token_sum_norm if token_sum else None
+        surrogate = policy_loss_fn(a.policy_loss).fn
         cfg = self.actor.cfg
         mini = cfg.micro_batch_size * cfg.grad_accum
         n = batch["input_ids"].shape[0]
@@ -116,7 +118,8 @@ class ActorCriticRank(PolicyRank):
         def actor_loss(model: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
             logits = self._logits(model, mb)
             logp = token_logprobs(logits, mb["input_ids"], T)
-            loss, m = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], a.clip, sum_norm)
+            loss, m = surrogate(PolicyLossInputs(logp, mb["old_logp"], mb["advantages"], mb["response_mask"], a.clip,
+                                                 a.dual_clip, sum_norm))
             if kl_in_loss:
                 kl = masked_mean(kl_penalty(logp, mb["ref_logp"], "k3"), mb["response_mask"])
                 loss = loss + a.beta * kl

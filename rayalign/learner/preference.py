@@ -30,7 +30,7 @@ from rayalign.learner.group import RankGroup, mean_metrics
 from rayalign.learner.policy import PolicyRank
 from rayalign.losses.logprobs import full_kl, token_logprobs
 from rayalign.losses.ppo import entropy
-from rayalign.losses.preference import dpo_loss, global_kl, ipo_loss, sequence_logprob, spo_loss
+from rayalign.losses.preference import PairLogprobs, global_kl, preference_loss, sequence_logprob
 from rayalign.models.checkpoint import load_causal_lm, load_tokenizer
 from rayalign.reference.worker import ReferenceWorker
 
@@ -75,9 +75,11 @@ class PreferenceRank(PolicyRank):
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], method: str,
                    algo: dict[str, Any]) -> dict[str, float]:
-        """One optimiser step of `method` (spo, dpo or ipo) over this rank's micro-batches."""
+        """One optimiser step of the preference loss `method` (rayalign.losses.preference's registry:
+        spo, dpo, ipo, ...) over this rank's micro-batches."""
         assert self.actor is not None, "setup() first"
         a = PrefAlgoConfig(**algo)
+        loss_def = preference_loss(method)
         clock = {"reference": 0.0, "kl": 0.0}
 
         def loss_fn(model: Any, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -87,18 +89,18 @@ class PreferenceRank(PolicyRank):
             w, l_ = logp[:n], logp[n:]
             m: dict[str, float] = {"margin": float((w - l_).detach().mean()),
                                    "accuracy": float((w > l_).float().mean())}
-            if method == "spo":
-                loss = spo_loss(w, l_, a.alpha, a.gamma)
-            else:
+            if loss_def.needs_reference:
                 t0 = time.perf_counter()
                 with torch.no_grad(), self._reference(model) as ref_model:
                     ref = sequence_logprob(token_logprobs(_forward(ref_model, ids, attn), ids), resp)
                 clock["reference"] += time.perf_counter() - t0
                 rw, rl = ref[:n], ref[n:]
-                loss = dpo_loss(w, l_, rw, rl, a.dpo_beta) if method == "dpo" else ipo_loss(w, l_, rw, rl, a.ipo_tau)
+                loss = loss_def.fn(PairLogprobs(w, l_, rw, rl), a)
                 h = (w - rw) - (l_ - rl)
                 m.update({"implicit_margin": float(h.detach().mean()),
                           "implicit_accuracy": float((h > 0).float().mean())})
+            else:
+                loss = loss_def.fn(PairLogprobs(w, l_), a)
             m["preference_loss"] = float(loss.detach())
             if "kl_input_ids" in mb:
                 t0 = time.perf_counter()

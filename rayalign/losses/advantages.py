@@ -83,6 +83,11 @@ def advantage_estimator(name: str) -> AdvantageEstimator:
             from None
 
 
+def critic_free_estimators() -> list[str]:
+    """The estimators without a critic: each is a `rayalign train NAME` method of its own."""
+    return [name for name, est in ADVANTAGES.items() if not est.needs_values]
+
+
 # ---- helpers ---------------------------------------------------------------------------------------
 
 def _groups(x: AdvantageInputs) -> torch.Tensor:

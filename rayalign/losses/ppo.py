@@ -28,6 +28,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, token_sum_norm: float | None = None) -> torch.Tensor:
+    """A per-token loss over the batch: the mean over response tokens, or with `token_sum_norm` L
+    the sum divided by (samples x L), Dr. GRPO's length-unbiased aggregation (arXiv 2503.20783)."""
+    if token_sum_norm is None:
+        return masked_mean(per_token, mask)
+    return (per_token * mask).sum() / (mask.size(0) * token_sum_norm)
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries (mean kept when shift_mean is False)."""
     mean = masked_mean(x, mask)
@@ -86,11 +94,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantages
-    surrogate = torch.minimum(unclipped, clipped)
-    if token_sum_norm is None:
-        loss = -masked_mean(surrogate, mask)
-    else:
-        loss = -(surrogate * mask).sum() / (mask.size(0) * token_sum_norm)
+    loss = -aggregate(torch.minimum(unclipped, clipped), mask, token_sum_norm)
     with torch.no_grad():
         clip_frac = masked_mean((clipped < unclipped).float(), mask)
         approx_kl = masked_mean(0.5 * (logp - old_logp).square(), mask)

@@ -9,6 +9,11 @@ SPO's preference loss has no reference model inside it:
 Its regulariser is separate (`global_kl`): beta * E_{y ~ pi} sum_t KL(pi(.|x,y_<t) || pi_ref(.|x,y_<t)),
 on samples the rollout workers draw from the current policy.
 
+The losses are registered (`PREFERENCE_LOSSES`, `@register_preference_loss`): `rayalign train NAME`
+takes its methods from the registry, and the learner asks a loss whether it needs pi_ref's
+log-probs and whether SPO's online global KL goes with it. Adding a loss is one registered
+function plus its test.
+
 The weight mu (no gradient). mu = 1 is SPO-basic. The weighted form we ship is
 
     mu = (4 * p * (1 - p)) ** gamma,   p = sigmoid(alpha * (log pi(y_w) - log pi(y_l)))
@@ -24,6 +29,10 @@ bandit in tests/test_preference_math.py); a weight that depended on which side w
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,3 +84,68 @@ def global_kl(per_position_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     the gradient of that KL, and with samples refreshed every algo.kl_every steps they come from
     a policy up to kl_every - 1 updates old (arXiv 2405.00747 refreshes its samples every T steps too)."""
     return (per_position_kl * mask).sum(-1).mean()
+
+
+# ---- the registry ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PairLogprobs:
+    """Summed log-probs of the chosen (w) and rejected (l) responses [pairs]; the reference's
+    (ref_w, ref_l) only for losses that need pi_ref."""
+
+    w: torch.Tensor
+    l: torch.Tensor  # noqa: E741
+    ref_w: torch.Tensor | None = None
+    ref_l: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    name: str
+    fn: Callable[[PairLogprobs, Any], torch.Tensor]  # (log-probs, algo config with the loss's parameters)
+    needs_reference: bool  # pi_ref's log-probs of both responses enter the loss
+    online_kl: bool        # SPO's global KL on online samples of the current policy is added
+    paper: str
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
+
+
+def register_preference_loss(name: str, *, paper: str, needs_reference: bool, online_kl: bool = False
+                             ) -> Callable[[Callable[[PairLogprobs, Any], torch.Tensor]],
+                                           Callable[[PairLogprobs, Any], torch.Tensor]]:
+    def add(fn: Callable[[PairLogprobs, Any], torch.Tensor]) -> Callable[[PairLogprobs, Any], torch.Tensor]:
+        if name in PREFERENCE_LOSSES:
+            raise ValueError(f"preference loss {name!r} is already registered")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(name, fn, needs_reference, online_kl, paper)
+        return fn
+    return add
+
+
+def preference_loss(name: str) -> PreferenceLoss:
+    try:
+        return PREFERENCE_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown preference loss {name!r}; registered: {', '.join(sorted(PREFERENCE_LOSSES))}") \
+            from None
+
+
+def _ref(p: PairLogprobs) -> tuple[torch.Tensor, torch.Tensor]:
+    if p.ref_w is None or p.ref_l is None:
+        raise ValueError("this preference loss needs pi_ref's log-probs of both responses")
+    return p.ref_w, p.ref_l
+
+
+@register_preference_loss("spo", paper="arXiv 2405.00747", needs_reference=False, online_kl=True)
+def _spo(p: PairLogprobs, a: Any) -> torch.Tensor:
+    return spo_loss(p.w, p.l, a.alpha, a.gamma)
+
+
+@register_preference_loss("dpo", paper="arXiv 2305.18290", needs_reference=True)
+def _dpo(p: PairLogprobs, a: Any) -> torch.Tensor:
+    return dpo_loss(p.w, p.l, *_ref(p), a.dpo_beta)
+
+
+@register_preference_loss("ipo", paper="arXiv 2310.12036", needs_reference=True)
+def _ipo(p: PairLogprobs, a: Any) -> torch.Tensor:
+    return ipo_loss(p.w, p.l, *_ref(p), a.ipo_tau)

@@ -42,7 +42,7 @@ from rayalign.distributed.cluster import connect
 from rayalign.distributed.placement import PlacementPlan
 from rayalign.distributed.pool import ActorPool
 from rayalign.learner.group import LearnerGroup
-from rayalign.losses.advantages import ADVANTAGES, AdvantageInputs, advantage_estimator
+from rayalign.losses.advantages import AdvantageInputs, advantage_estimator, critic_free_estimators
 from rayalign.losses.ppo import AdaptiveKL, RunningMoments, kl_penalty, masked_mean, masked_whiten, normalise_scores
 from rayalign.models.checkpoint import check_dir, is_local, load_tokenizer
 from rayalign.recipes.loop import batch_indices
@@ -57,7 +57,7 @@ from rayalign.world import build
 from rayalign.world.gold import OBJECTIVES, gold_vector
 
 # `rayalign train M` for these runs algo.estimator=M; ppo and salsa take algo.estimator as configured (gae)
-ESTIMATOR_METHODS = tuple(name for name in ADVANTAGES if name != "gae")  # grpo, dr_grpo, rloo, reinforce_pp
+ESTIMATOR_METHODS = tuple(critic_free_estimators())  # grpo, dr_grpo, rloo, reinforce_pp
 METHODS = ("ppo", "salsa", *ESTIMATOR_METHODS)
 
 

@@ -40,6 +40,7 @@ from rayalign.distributed.cluster import connect
 from rayalign.distributed.placement import PlacementPlan, RoleDemand
 from rayalign.learner.group import shard
 from rayalign.learner.preference import PreferenceGroup
+from rayalign.losses.preference import preference_loss
 from rayalign.models.checkpoint import load_tokenizer
 from rayalign.recipes.loop import batch_indices
 from rayalign.recipes.ppo import (
@@ -57,12 +58,8 @@ from rayalign.rollout.fleet import RolloutFleet
 from rayalign.utils.io import atomic_write_json, atomic_write_text
 from rayalign.utils.logging import RunLogger, log
 
-METHODS = ("spo", "dpo", "ipo")
-
-
 def resolve(cfg: PrefConfig, method: str) -> PrefConfig:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
+    preference_loss(method)  # names the registered losses when `method` is not one
     if not cfg.reference.models:
         cfg = cfg.model_copy(update={"reference": cfg.reference.model_copy(update={"models": [cfg.policy]})})
     check_model_paths([("policy", cfg.policy), *[("reference.models", m) for m in cfg.reference.models]])
@@ -70,7 +67,7 @@ def resolve(cfg: PrefConfig, method: str) -> PrefConfig:
 
 
 def online_kl(cfg: PrefConfig, method: str) -> bool:
-    return method == "spo" and cfg.algo.kl_coef > 0
+    return preference_loss(method).online_kl and cfg.algo.kl_coef > 0
 
 
 def placement(cfg: PrefConfig, online: bool) -> PlacementPlan:
