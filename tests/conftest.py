@@ -22,7 +22,8 @@ cpu_defaults(ROOT)
 
 # `make test-fast` (pytest -m fast): these modules' tests that need no quick demo
 FAST_MODULES = {"test_ppo_math", "test_preference_math", "test_merge", "test_config", "test_placement", "test_world",
-                "test_pareto", "test_serve_units", "test_sync_buckets", "test_models", "test_logprobs"}
+                "test_pareto", "test_serve_units", "test_sync_buckets", "test_models", "test_logprobs",
+                "test_reward_sources", "test_logging"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,6 +5,7 @@ rollout actor killed and brought back, and a whole SALSA run that survives kille
 import json
 
 import numpy as np
+import pytest
 import ray
 
 from rayalign.config.schema import RLConfig
@@ -116,20 +117,34 @@ def test_salsa_run_survives_killed_rollout_and_reward_actors(quick_demo, local_r
 
 def test_grpo_with_a_soup_reference_trains_the_policy_without_a_critic(quick_demo, local_ray, tmp_path):
     """GRPO (group-normalised advantages) with the KL to a soup of the two SFT seeds as a k3 loss
-    term, on 2 learner ranks: no value model is built, trained or saved."""
+    term, on 2 learner ranks: no value model is built, trained or saved. The reward stacks the gold
+    objectives, a Python function given by file path (imported inside the reward actor; the driver
+    never imports it) and a reward service over HTTP on loopback, combined by weights."""
     from safetensors.numpy import load_file
 
     from rayalign.recipes.ppo import run_rl
+    from tests.test_reward_sources import RewardService
 
     sft0 = quick_demo / "sft" / "sft-0"
     out = tmp_path / "grpo"
-    cfg = _rl_cfg(quick_demo, out, steps=2, prompts_per_step=8, rollout={"max_new_tokens": 16, "n": 2},
-                  algo={"estimator": "grpo", "beta": 0.1})
-    cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={
-        "actor": cfg.learner.actor.model_copy(update={"lr": 1e-3})})})
-    policy = run_rl(cfg, "grpo")
+    fn = tmp_path / "rewards_elsewhere.py"
+    fn.write_text("def reward(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n")
+    with RewardService() as svc:
+        cfg = _rl_cfg(quick_demo, out, steps=2, prompts_per_step=8, rollout={"max_new_tokens": 16, "n": 2},
+                      algo={"estimator": "grpo", "beta": 0.1},
+                      reward={"kind": ["gold", "function", "http"], "function": str(fn), "http": svc.url,
+                              "http_objectives": ["length", "long_prompt"], "weights": [0.6, 0.2, 0.2, -0.01, 0.0, 0.0],
+                              "resources": {"num_cpus": 0.1}})
+        cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={
+            "actor": cfg.learner.actor.model_copy(update={"lr": 1e-3})})})
+        policy = run_rl(cfg, "grpo")
+        assert svc.calls >= 2  # one batch per iteration from the reward actor
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # each source's mean is logged; the score is their weighted sum (mean of a linear map)
+        assert r["reward/rewards_elsewhere"] > 0 and r["reward/length"] > 0
+        parts = [r[f"reward/{k}"] for k in ("informative", "concise", "friendly", "rewards_elsewhere")]
+        assert r["reward/score"] == pytest.approx(float(np.dot(parts, [0.6, 0.2, 0.2, -0.01])), abs=1e-5)
     assert not [k for r in rows for k in r if k.startswith("value/")]  # no critic anywhere
     assert all(np.isfinite(r["policy/kl_loss"]) and r["policy/kl_loss"] >= 0 for r in rows)  # k3 >= 0
     assert abs(rows[0]["kl/sequence"]) > 1e-6  # pi_ref is the soup: with the policy's own start it is 0 at step 1

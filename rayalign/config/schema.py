@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -161,9 +161,32 @@ class TrainScaling(Strict):
         return v
 
 
+class WandbConfig(Strict):
+    """Weights & Biases next to TensorBoard (`pip install 'rayalign[wandb]'`): off unless asked for;
+    offline by default, so it works with no network (`wandb sync OUTPUT/logs/wandb/offline-run-*`
+    uploads later)."""
+
+    enabled: bool = Field(False, description="log every metric to wandb too")
+    project: str = "rayalign"
+    mode: Literal["offline", "online"] = Field("offline", description="offline: a local run directory under "
+                                                "OUTPUT/logs/wandb, no network; online: stream to the server")
+    name: str | None = Field(None, description="run name (default: the output directory's name)")
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _installed(self) -> WandbConfig:
+        import importlib.util
+
+        if self.enabled and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb.enabled=true, but wandb is not installed (pip install 'rayalign[wandb]')")
+        return self
+
+
 class PretrainConfig(Strict):
     model: str = Field(..., description="a model directory (e.g. a preset) with its tokenizer")
     output: str
+    wandb: WandbConfig = Field(WandbConfig(), description="optional Weights & Biases logging (offline by default)")
     world: WorldConfig = WorldConfig()
     learner: LearnerConfig = LearnerConfig(lr=2e-3, micro_batch_size=32)
     epochs: float = Field(1.0, gt=0)
@@ -181,6 +204,7 @@ class PretrainConfig(Strict):
 class SFTConfig(Strict):
     base: str = Field(..., description="the base model every SFT seed starts from")
     output: str = Field(..., description="directory; seed s is written to OUTPUT/sft-s")
+    wandb: WandbConfig = Field(WandbConfig(), description="optional Weights & Biases logging (offline by default)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     chat_template: str | None = Field(None, description="a Jinja chat-template file put on the base's tokenizer "
                                       "(base models such as Llama-2-7b-hf have none); saved with every SFT model")
@@ -195,6 +219,7 @@ class SFTConfig(Strict):
 class RMConfig(Strict):
     base: str = Field(..., description="model the reward model starts from (usually an SFT model)")
     output: str
+    wandb: WandbConfig = Field(WandbConfig(), description="optional Weights & Biases logging (offline by default)")
     objectives: Literal["combined", "each"] = Field(
         "combined", description="'combined': one scalar on world.weights; 'each': one head per objective")
     data: DataConfig = DataConfig()
@@ -264,15 +289,31 @@ class RolloutConfig(Strict):
         return self
 
 
+RewardKind = Literal["gold", "model", "function", "http"]
+
+
 class RewardConfig(Strict):
-    kind: Literal["gold", "model"] = Field(
-        "gold", description="'gold': the embedded world's reward functions; 'model': a trained reward model")
+    kind: RewardKind | list[RewardKind] = Field(
+        "gold", description="'gold': the embedded world's reward functions; 'model': trained reward models; "
+        "'function': Python callables (reward.function); 'http': a reward service (reward.http). A list stacks "
+        "their objective vectors in that order, combined by reward.weights (e.g. [model,function])")
     model: str | list[str] | None = Field(
         None, description="reward model directory (kind 'model'), or a list of them whose heads are stacked "
         "into one objective vector (e.g. separate helpful and harmless models)")
     weights: list[float] = Field(default_factory=lambda: [0.6, 0.2, 0.2],
                                  description="combination of the objective vector (gold, a multi-head model or "
                                  "several models)")
+    function: str | list[str] | None = Field(
+        None, description="kind 'function': module:callable, file.py:callable or file.py (its `reward`), or a list; "
+        "called as fn(prompts, responses) -> a score (or a vector, named by fn.objectives) per item, inside the "
+        "reward actor")
+    http: str | None = Field(None, description="kind 'http': the URL batches are POSTed to as {prompts, responses}; "
+                             "the answer is {scores: [...]}")
+    http_objectives: list[str] | None = Field(None, min_length=1, description="kind 'http': names of the vector "
+                                              "entries the service returns per item (default: one score, 'http')")
+    http_timeout_s: float = Field(30.0, gt=0, description="kind 'http': seconds one request may take")
+    http_retries: int = Field(3, ge=0, description="kind 'http': retries after a timeout, a connection error or a "
+                              "5xx / 429 answer (exponential back-off)")
     dtype: InferenceDType = Field(
         "auto", description="'auto': bfloat16 on a GPU, float32 on the CPU")
     max_len: int = Field(2048, ge=8, description="kind 'model': tokens of prompt + response a reward model reads "
@@ -288,6 +329,30 @@ class RewardConfig(Strict):
     workers: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=0.25)
     max_restarts: int = Field(3, ge=0)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [self.kind] if isinstance(self.kind, str) else list(self.kind)
+
+    @model_validator(mode="after")
+    def _sources(self) -> RewardConfig:
+        kinds = self.kinds
+        if not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(f"reward.kind {kinds}: name each kind at most once")
+        needs = {"model": ("model", self.model), "function": ("function", self.function), "http": ("http", self.http)}
+        for k in kinds:
+            if k in needs and not needs[k][1]:
+                raise ValueError(f"reward.{needs[k][0]} is required when reward.kind includes {k!r}")
+        if self.http and not self.http.startswith(("http://", "https://")):
+            raise ValueError(f"reward.http {self.http!r} is not an http(s) URL")
+        return self
+
+    def scorer_args(self) -> dict[str, Any]:
+        """The RewardScorer's arguments (its actor is built from them)."""
+        return {"kind": self.kind, "model": self.model, "weights": self.weights, "max_len": self.max_len,
+                "dtype": self.dtype, "function": self.function, "http": self.http,
+                "http_objectives": self.http_objectives, "http_timeout_s": self.http_timeout_s,
+                "http_retries": self.http_retries}
 
 
 class ReferenceConfig(Strict):
@@ -405,6 +470,7 @@ class RLConfig(Strict):
     policy: str = Field(..., description="the SFT checkpoint the policy starts from")
     critic: str | None = Field(None, description="critic start; default the reward model (kind 'model') or the policy")
     output: str
+    wandb: WandbConfig = Field(WandbConfig(), description="optional Weights & Biases logging (offline by default)")
     prompts: DataConfig = DataConfig()
     world: WorldConfig = WorldConfig()
     steps: int = Field(20, ge=1, description="rollout/update iterations")
@@ -443,8 +509,6 @@ class RLConfig(Strict):
     def _consistent(self) -> RLConfig:
         if self.learner.actor.lora.enabled and self.rollout.engine != "hf":  # the adapter vLLM must serve
             check_vllm_lora(self.learner.actor.lora, "learner.actor.lora")
-        if self.reward.kind == "model" and not self.reward.model:
-            raise ValueError("reward.model is required when reward.kind is 'model'")
         if self.reference.weights is not None and len(self.reference.weights) != len(self.reference.models):
             raise ValueError(f"reference.weights has {len(self.reference.weights)} entries for "
                              f"{len(self.reference.models)} reference.models")
@@ -512,6 +576,7 @@ class PrefConfig(Strict):
 
     policy: str = Field(..., description="the SFT checkpoint the policy starts from")
     output: str
+    wandb: WandbConfig = Field(WandbConfig(), description="optional Weights & Biases logging (offline by default)")
     data: DataConfig = Field(DataConfig(), description="preference pairs: 'world' (combined gold labels on "
                              "world.weights), a Hugging Face dataset or a local file in the UltraFeedback layout")
     prompts: DataConfig = Field(DataConfig(), description="SPO: prompts of the online samples; 'world' = the "

@@ -89,7 +89,7 @@ def resolve_roles(cfg: RLConfig, method: str) -> RLConfig:
     if not cfg.algo.needs_critic:
         updates["critic"] = None  # a critic-free estimator: no value model is built
     elif cfg.critic is None:  # the value model starts from the (first) reward model, else the policy
-        updates["critic"] = rms[0] if cfg.reward.kind == "model" else cfg.policy
+        updates["critic"] = rms[0] if "model" in cfg.reward.kinds else cfg.policy
     cfg = cfg.model_copy(update=updates)
     check_model_paths([("policy", cfg.policy), ("critic", cfg.critic), *[("reward.model", m) for m in rms],
                        *[("reference.models", m) for m in cfg.reference.models]])
@@ -157,8 +157,7 @@ class Roles:
         # every role loads at once: scorers and references first (nothing waits on them), then the
         # learner ranks in the background while the rollout engines start
         scorers = [RewardActor.options(**plan.options("reward", i), max_restarts=cfg.reward.max_restarts)
-                   .remote(cfg.reward.kind, cfg.reward.model, cfg.reward.weights, max_len=cfg.reward.max_len,
-                           dtype=cfg.reward.dtype)
+                   .remote(**cfg.reward.scorer_args())
                    for i in range(cfg.reward.workers)]
         refs = [] if self.own_reference else [
             ReferenceActor.options(**plan.options("reference", i), max_restarts=cfg.reference.max_restarts)
@@ -243,7 +242,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
     print(plan.describe(), flush=True)
     plan.reserve(cfg.placement.timeout_s)
     roles: Roles | None = None
-    logger = RunLogger(out / "logs", "")
+    logger = RunLogger(out / "logs", "", wandb=cfg.wandb, run_config=cfg.model_dump(), name=out.name)
     try:
         roles = Roles(cfg, plan)
         cond = PreferenceConditioning(roles.objectives, cfg.reward.conditioned_objectives, cfg.reward.condition_grid) \

@@ -123,7 +123,7 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
     plan.reserve(cfg.placement.timeout_s)
     group: PreferenceGroup | None = None
     fleet: RolloutFleet | None = None
-    logger = RunLogger(out / "logs", "")
+    logger = RunLogger(out / "logs", "", wandb=cfg.wandb, run_config=cfg.model_dump(), name=out.name)
     lc = cfg.learner.actor
     try:
         group = PreferenceGroup(plan, cfg.learner.ranks, lc, cfg.policy, cfg.reference.models,

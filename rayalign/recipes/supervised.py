@@ -80,7 +80,8 @@ def _pretrain(cfg: PretrainConfig, state: TrainState) -> None:
         examples.append({"input_ids": ids, "labels": ids})
     _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
     learner = Learner(model, cfg.learner, total)
-    logger = RunLogger(out / "logs", "pretrain/", enabled=is_rank0())
+    logger = RunLogger(out / "logs", "pretrain/", enabled=is_rank0(), wandb=cfg.wandb, run_config=cfg.model_dump(),
+                       name=out.name)
     m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs,
             cfg.learner.seed, logger, "pretrain", state=state, save_every=cfg.save_every)
     learner.save_pretrained(out / "model", tok, extra={"stage": "pretrain", "final_loss": m.get("loss")})
@@ -131,7 +132,8 @@ def _sft_seed(cfg: SFTConfig, s: int, template: str, state: TrainState) -> None:
     _, total = plan_steps(len(examples), cfg.learner, cfg.epochs, _world_size())
     model = wrap_lora(model, cfg.learner, cfg.base)
     learner = Learner(model, cfg.learner.model_copy(update={"seed": s}), total)
-    logger = RunLogger(out / "logs" / f"sft-{s}", "sft/", enabled=is_rank0())
+    logger = RunLogger(out / "logs" / f"sft-{s}", "sft/", enabled=is_rank0(), wandb=cfg.wandb,
+                       run_config=cfg.model_dump(), name=f"{out.name}-sft-{s}")
     m = fit(learner, examples, partial(collate_lm, pad_id=tok.pad_token_id), _lm_loss, cfg.epochs, s,
             logger, f"sft seed {s}", state=state, save_every=cfg.save_every)
     learner.save_pretrained(target, tok, extra={"stage": "sft", "seed": s, "base": str(cfg.base),
@@ -248,7 +250,8 @@ def _rm(cfg: RMConfig, state: TrainState) -> None:
     _, total = plan_steps(len(train), cfg.learner, cfg.epochs, _world_size())
     model = wrap_lora(model, cfg.learner, cfg.base, heads=["score"])  # LoRA + a fully trained head
     learner = Learner(model, cfg.learner, total)
-    logger = RunLogger(out / "logs", "rm/", enabled=is_rank0())
+    logger = RunLogger(out / "logs", "rm/", enabled=is_rank0(), wandb=cfg.wandb, run_config=cfg.model_dump(),
+                       name=out.name)
     fit(learner, train, partial(collate_pairs, pad_id=tok.pad_token_id), _rm_loss, cfg.epochs, cfg.learner.seed,
         logger, "reward model", state=state, save_every=cfg.save_every)
     acc = rm_accuracy(learner.module, held, tok.pad_token_id)
