@@ -164,7 +164,9 @@ def ray_head(log_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         proc = subprocess.Popen(
             [str(RAY_BIN), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
              "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--block"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--temp-dir={temp}", "--block"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
         deadline = time.monotonic() + 120

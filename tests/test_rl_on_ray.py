@@ -154,3 +154,43 @@ def test_grpo_with_a_soup_reference_trains_the_policy_without_a_critic(quick_dem
     assert "estimator: grpo" in config and "critic: null" in config
     before, after = load_file(str(sft0 / "model.safetensors")), load_file(str(policy / "model.safetensors"))
     assert any(not np.allclose(before[k], after[k]) for k in before)  # it trained
+
+
+def test_a_rollout_worker_killed_during_the_collective_sync_is_restarted_and_resynced(quick_demo, local_ray,
+                                                                                       tmp_path):
+    """sync.kind=collective (gloo) with 2 rollout workers. As iteration 2's sync phase starts, worker
+    0 is killed (SIGKILL), so the learner's broadcast runs into a dead member of its group: the
+    broadcast fails within the timeout, the run waits for Ray's restart, re-forms the group with the
+    new worker and sends again. Every iteration completes, and after that sync both workers
+    generate the learner's own greedy tokens."""
+    from rayalign.recipes.ppo import run_rl
+
+    killed, checked = [], []
+
+    def kill_at_sync(phase, it, roles):
+        if phase == "sync" and it == 1 and not killed:
+            ray.kill(roles.rollout.actors[0], no_restart=False)
+            killed.append(it)
+
+    def weights_everywhere(it, metrics, roles):
+        if it != 2:
+            return
+        policy = tmp_path / "policy-at-2"
+        roles.learners.save_policy(str(policy))
+        model, tok = load_causal_lm(policy)
+        prompts = [encode_prompt(tok, p) for p in PROMPTS]
+        expected = hf_greedy(model, tok, prompts)
+        for w in roles.rollout.actors:
+            assert [r["response_ids"] for r in ray.get(w.generate.remote(prompts, GREEDY))] == expected
+        checked.append(it)
+
+    out = tmp_path / "ppo"
+    cfg = _rl_cfg(quick_demo, out, reference={"models": [], "resources": {"num_cpus": 0.1}},
+                  sync={"kind": "collective", "timeout_s": 30},
+                  rollout={"workers": 2, "max_new_tokens": 16, "resources": {"num_cpus": 0.25}})
+    run_rl(cfg, "ppo", on_step=weights_everywhere, on_phase=kill_at_sync)
+    assert killed == [1] and checked == [2]
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["sync/recovered"] for r in rows] == [0.0, 1.0, 0.0]  # the failure surfaced in the sync itself
+    assert rows[1]["restarts"] == 1 and rows[2]["restarts"] == 1

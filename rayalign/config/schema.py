@@ -458,10 +458,20 @@ class MonitorConfig(Strict):
 
 
 class SyncConfig(Strict):
-    kind: Literal["object_store", "collective"] = Field(
-        "collective", description="learner -> rollout weights: Ray's object store, or a bucketed broadcast "
-                                  "(gloo on CPU, NCCL on GPU)")
+    kind: str = Field("collective", description="learner -> rollout weights, a registered sync (rayalign.sync): "
+                      "object_store (Ray's object store) or collective (a bucketed broadcast, gloo on CPU, NCCL on GPU)")
     bucket_mb: float = Field(64.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0, description="collective: every member's part of a sync must finish within "
+                             "this (the group's collective timeout too); a member that died is restarted and re-synced")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from rayalign.sync import sync_kinds
+
+        if v not in sync_kinds():
+            raise ValueError(f"unknown weight sync {v!r}; registered: {', '.join(sync_kinds())}")
+        return v
 
 
 class RLConfig(Strict):

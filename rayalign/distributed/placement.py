@@ -5,7 +5,8 @@ the Ray cluster can hold it -- decided and printed before any model loads.
     print(plan.describe())
     plan.check(cluster_nodes())                    # PlacementError naming what does not fit
     plan.reserve(timeout_s=60)                     # one placement group for the whole run
-    Actor.options(**plan.options("rollout", 0)).remote(...)
+    workers = plan.spawn(RolloutActor, "rollout", engine, policy, max_restarts=3)   # every instance
+    Actor.options(**plan.options("rollout", 0)).remote(...)                         # one, by hand
 
 A bundle holds the i-th instance of every role in a colocation group (e.g. learner rank i and
 reference worker i on one GPU); each other instance gets a bundle of its own.
@@ -174,6 +175,13 @@ class PlacementPlan:
 
             remove_placement_group(self.pg)
             self.pg = None
+
+    def spawn(self, actor: Any, role: str, *args: Any, max_restarts: int = 0, **kwargs: Any) -> list[Any]:
+        """Every instance of `role` as an actor of `actor` (a ray.remote class) in its bundle, each
+        built with (*args, **kwargs); Ray restarts one that dies up to `max_restarts` times. The
+        one way a run's roles become actors."""
+        return [actor.options(**self.options(role, i), max_restarts=max_restarts).remote(*args, **kwargs)
+                for i in range(self.demands[role].count)]
 
     def options(self, role: str, instance: int) -> dict[str, Any]:
         """Ray actor options placing (role, instance) in its bundle."""

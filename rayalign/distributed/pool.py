@@ -4,8 +4,9 @@ workers: a weight re-sync) and given its share of the work again, so the step is
 
 A restart can also be invisible to the caller: an actor killed between two calls is back before
 the next one, which then succeeds -- on a fresh actor that never received the run's weights. So
-after every call the pool compares each actor's restart count in the GCS with the count it last
-saw, and treats a difference like a failure: recover, then redo that actor's share.
+with every call the pool asks the actor for its incarnation (a token drawn once per process,
+fetched right behind the call through Ray's public `__ray_call__`, so it costs no extra round
+trip) and treats a token it has not seen like a failure: recover, then redo that actor's share.
 
     pool = ActorPool("rollout", actors, on_restart=lambda i: sync.resync(i))
     outs = pool.map("generate", prompt_ids, sampling)      # items split across actors, order kept
@@ -14,11 +15,12 @@ saw, and treats a difference like a failure: recover, then redo that actor's sha
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from rayalign.utils.logging import log
 
@@ -34,41 +36,58 @@ def split_evenly(items: Sequence[Any], n: int) -> list[list[Any]]:
     return out
 
 
+_PROCESS_TOKEN = uuid.uuid4().hex  # drawn once per process: a restarted actor is a new process
+
+
+def _incarnation(_actor: Any) -> str:
+    """Run inside an actor by `__ray_call__`: the token of the actor's process."""
+    return _PROCESS_TOKEN
+
+
+def incarnation(actor: Any) -> Any:
+    """An ObjectRef to the actor's incarnation token (queued behind the calls already submitted)."""
+    return actor.__ray_call__.remote(_incarnation)
+
+
 class ActorPool:
     def __init__(self, role: str, actors: Sequence[Any], on_restart: Callable[[int], None] | None = None,
-                 max_retries: int = 3, restart_timeout_s: float = 300.0):
+                 max_retries: int = 3, restart_timeout_s: float = 300.0, dead_after_s: float = 10.0):
+        """`dead_after_s`: an actor that keeps answering 'died' for this long has no restarts left."""
         self.role, self.actors = role, list(actors)
         self.on_restart = on_restart
-        self.max_retries, self.restart_timeout_s = max_retries, restart_timeout_s
+        self.max_retries, self.restart_timeout_s, self.dead_after_s = max_retries, restart_timeout_s, dead_after_s
         self.restarts = 0
-        self._seen = [_num_restarts(a) for a in self.actors]
+        self._seen = ray.get([incarnation(a) for a in self.actors])
 
     def __len__(self) -> int:
         return len(self.actors)
 
-    def wait_ready(self, i: int) -> None:
-        """Block until actor i answers (Ray restarts a dead actor that has restarts left)."""
+    def wait_ready(self, i: int) -> str:
+        """Block until actor i answers (Ray restarts a dead actor that has restarts left); its
+        incarnation token."""
         deadline = time.monotonic() + self.restart_timeout_s
+        died_since: float | None = None
         while True:
             try:
-                ray.get(self.actors[i].__ray_ready__.remote(), timeout=30)
-                return
-            except (ActorUnavailableError, RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                if _state(self.actors[i]) == "DEAD":
+                return ray.get(incarnation(self.actors[i]), timeout=30)
+            except ActorDiedError as exc:  # right after a death this can precede the restart; for good after
+                now = time.monotonic()
+                died_since = died_since if died_since is not None else now
+                if now - died_since > self.dead_after_s:
                     raise RuntimeError(f"{self.role} actor {i} died and has no restarts left "
                                        f"(raise {self.role}.max_restarts): {exc}") from exc
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.role} actor {i} did not come back within "
-                                       f"{self.restart_timeout_s:g}s") from None
-                time.sleep(0.5)
+            except (ActorUnavailableError, RayActorError, ray.exceptions.GetTimeoutError):
+                died_since = None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.role} actor {i} did not come back within "
+                                   f"{self.restart_timeout_s:g}s") from None
+            time.sleep(0.5)
 
     def _recover(self, i: int, exc: BaseException) -> None:
         log.warning("%s actor %d failed (%s: %s); waiting for its restart", self.role, i, type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "")
-        self.wait_ready(i)
-        now = _num_restarts(self.actors[i])
-        self.restarts += max(1, now - self._seen[i])
-        self._seen[i] = now
+        self._seen[i] = self.wait_ready(i)
+        self.restarts += 1
         if self.on_restart is not None:
             self.on_restart(i)
         log.warning("%s actor %d is back", self.role, i)
@@ -77,8 +96,8 @@ class ActorPool:
         """Bring back every actor Ray restarted (or is restarting) since the pool last saw it; the
         indices recovered. For failures outside a pool call, such as a weight sync."""
         back = []
-        for i, a in enumerate(self.actors):
-            if _num_restarts(a) != self._seen[i] or _state(a) in ("RESTARTING", "DEAD"):
+        for i in range(len(self.actors)):
+            if self.wait_ready(i) != self._seen[i]:  # waits out a restart, or a call still running
                 self._recover(i, RuntimeError("restarted outside a pool call"))
                 back.append(i)
         return back
@@ -87,13 +106,16 @@ class ActorPool:
         return self._gather({i: (method, args, kwargs)})[i]
 
     def _gather(self, calls: dict[int, tuple[str, tuple[Any, ...], dict[str, Any]]]) -> dict[int, Any]:
-        refs = {i: getattr(self.actors[i], m).remote(*a, **kw) for i, (m, a, kw) in calls.items()}
+        refs = {i: (getattr(self.actors[i], m).remote(*a, **kw), incarnation(self.actors[i]))
+                for i, (m, a, kw) in calls.items()}
         results: dict[int, Any] = {}
-        for i, ref in refs.items():
+        stale = []
+        for i, (ref, token_ref) in refs.items():
             attempt = 0
             while True:
                 try:
                     results[i] = ray.get(ref)
+                    token = ray.get(token_ref)
                     break
                 except (RayActorError, ActorUnavailableError) as exc:
                     attempt += 1
@@ -101,9 +123,10 @@ class ActorPool:
                         raise RuntimeError(f"{self.role} actor {i} failed {attempt} times in one call") from exc
                     self._recover(i, exc)
                     m, a, kw = calls[i]
-                    ref = getattr(self.actors[i], m).remote(*a, **kw)
-        stale = [i for i in calls if _num_restarts(self.actors[i]) != self._seen[i]]
-        for i in stale:  # restarted without a failed call: the answer may come from a fresh actor
+                    ref, token_ref = getattr(self.actors[i], m).remote(*a, **kw), incarnation(self.actors[i])
+            if token != self._seen[i]:  # restarted without a failed call: the answer came from a fresh actor
+                stale.append(i)
+        for i in stale:
             self._recover(i, RuntimeError("restarted between calls"))
         if stale:
             results.update(self._gather({i: calls[i] for i in stale}))
@@ -131,21 +154,3 @@ class ActorPool:
     def broadcast(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         results = self._gather({i: (method, args, kwargs) for i in range(len(self.actors))})
         return [results[i] for i in range(len(self.actors))]
-
-
-def _num_restarts(actor: Any) -> int:
-    """How often Ray has restarted the actor (0 when the GCS does not know it yet)."""
-    try:
-        info = ray._private.state.actors(actor._actor_id.hex())
-        return int(info.get("NumRestarts", 0)) if isinstance(info, dict) else 0
-    except Exception:
-        return 0
-
-
-def _state(actor: Any) -> str | None:
-    """The actor's state in the GCS (ALIVE, RESTARTING, DEAD, ...), None when unknown."""
-    try:
-        info = ray._private.state.actors(actor._actor_id.hex())
-        return info.get("State") if isinstance(info, dict) else None
-    except Exception:
-        return None

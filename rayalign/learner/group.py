@@ -36,8 +36,9 @@ class RankGroup:
     def __init__(self, plan: Any, count: int, rank_cls: type, wait: bool = True, **setup_kwargs: Any):
         """With wait False the ranks load their models in the background while the caller starts
         the run's other actors; `ready()` then waits for them (and raises a setup error)."""
-        remote = ray.remote(rank_cls)
-        self.ranks = [remote.options(**plan.options("learner", r)).remote() for r in range(count)]
+        if plan.demands["learner"].count != count:
+            raise ValueError(f"the placement plan has {plan.demands['learner'].count} learner ranks, not {count}")
+        self.ranks = plan.spawn(ray.remote(rank_cls), "learner")
         address = self.ranks[0].address.remote()  # Ray hands its value to every setup once rank 0 is up
         self._setup = [a.setup_at.remote(r, count, address, **setup_kwargs) for r, a in enumerate(self.ranks)]
         if wait:
@@ -68,8 +69,9 @@ class RankGroup:
         self.ready()  # a rank that failed to set up says so here, not as a sync error
         return ray.get(self.ranks[0].address.remote())
 
-    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str) -> Any:
-        return self.ranks[0].join_weight_group.remote(addr, port, world_size, backend)
+    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str,
+                          timeout_s: float = 300.0) -> Any:
+        return self.ranks[0].join_weight_group.remote(addr, port, world_size, backend, timeout_s)
 
     def broadcast_weights_async(self, bucket_bytes: int) -> list[Any]:
         return [a.broadcast_weights.remote(bucket_bytes) for a in self.ranks]

@@ -71,14 +71,15 @@ class PolicyRank:
                 nbytes += flat.numel() * flat.element_size()
         return (metas, refs, nbytes) if self.rank == 0 else None
 
-    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str) -> None:
+    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str,
+                          timeout_s: float = 300.0) -> None:
         from rayalign.sync.collective import CollectiveGroup
 
         if self.rank != 0:
             raise RuntimeError("only learner rank 0 joins the weight-sync group")
         if self.group is not None:
             self.group.close()
-        self.group = CollectiveGroup.join(addr, port, 0, world_size, backend)
+        self.group = CollectiveGroup.join(addr, port, 0, world_size, backend, timeout_s)
 
     def broadcast_weights(self, bucket_bytes: int) -> tuple[int, int]:
         """Collective over the learner ranks (ZeRO-3 gathers); rank 0 broadcasts to the workers."""

@@ -33,30 +33,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rayalign.config.core import dump_config
 from rayalign.config.schema import PrefConfig
 from rayalign.data.tokenize import collate_preference, encode_prompt, response_batch
-from rayalign.distributed.cluster import connect
 from rayalign.distributed.placement import PlacementPlan, RoleDemand
 from rayalign.learner.group import shard
 from rayalign.learner.preference import PreferenceGroup
 from rayalign.losses.preference import preference_loss
 from rayalign.models.checkpoint import load_tokenizer
 from rayalign.recipes.loop import batch_indices
-from rayalign.recipes.ppo import (
-    check_model_paths,
-    finish_run,
-    finished_policy,
-    gold_of,
-    load_prompts,
-    read_controller,
-    save_run_state,
-    timed,
-)
+from rayalign.recipes.ppo import check_model_paths, gold_of, load_prompts
+from rayalign.recipes.run import RaySession, claim, finish_run, save_run_state, timed
 from rayalign.recipes.supervised import encode_pairs, preference_rows
 from rayalign.rollout.fleet import RolloutFleet
-from rayalign.utils.io import atomic_write_json, atomic_write_text
-from rayalign.utils.logging import RunLogger, log
+from rayalign.utils.io import atomic_write_json
+from rayalign.utils.logging import log
 
 def resolve(cfg: PrefConfig, method: str) -> PrefConfig:
     preference_loss(method)  # names the registered losses when `method` is not one
@@ -99,7 +89,7 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
     """Train with SPO, DPO or IPO; returns the directory of the final policy (OUTPUT/policy)."""
     cfg = resolve(cfg, method)
     out = Path(cfg.output)
-    done = finished_policy(out, method, resume)
+    done = claim(out, method, resume)
     if done is not None:
         return done
     tok = load_tokenizer(cfg.policy)
@@ -114,34 +104,21 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
     P = cfg.algo.kl_prompts
     prompts = load_prompts(cfg.prompts, cfg.world.seed, P) if online else []
     encoded = [encode_prompt(tok, p) for p in prompts]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", f"# rayalign train {method}\n" + dump_config(cfg))
-
-    started_ray = connect(cfg.ray_address)
-    plan = placement(cfg, online)
-    print(plan.describe(), flush=True)
-    plan.reserve(cfg.placement.timeout_s)
-    group: PreferenceGroup | None = None
-    fleet: RolloutFleet | None = None
-    logger = RunLogger(out / "logs", "", wandb=cfg.wandb, run_config=cfg.model_dump(), name=out.name)
     lc = cfg.learner.actor
-    try:
-        group = PreferenceGroup(plan, cfg.learner.ranks, lc, cfg.policy, cfg.reference.models,
-                                cfg.reference.weights, cfg.seed, total_steps=total, wait=False)
+    with RaySession(cfg, method, resume, plan=lambda: placement(cfg, online)) as run:
+        group = run.own(PreferenceGroup(run.plan, cfg.learner.ranks, lc, cfg.policy, cfg.reference.models,
+                                        cfg.reference.weights, cfg.seed, total_steps=total, wait=False),
+                        PreferenceGroup.shutdown)
+        fleet: RolloutFleet | None = None
         if online:  # the rollout engines start while the learner ranks load
-            fleet = RolloutFleet(plan, cfg.rollout, cfg.sync, cfg.policy, group,
-                                 learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=lc.lora)
+            fleet = run.own(RolloutFleet(run.plan, cfg.rollout, cfg.sync, cfg.policy, group,
+                                         learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=lc.lora),
+                            RolloutFleet.close)
         group.ready()
-        start, samples = 0, None
-        saved = read_controller(out) if resume else None
-        if saved is not None:
-            group.load_state(str(out / "state"), saved["tag"])
-            start = int(saved["iteration"])
-            if (out / "state" / "kl_samples.json").is_file():
-                samples = json.loads((out / "state" / "kl_samples.json").read_text())
-            log.info("%s: resuming at step %d/%d", method, start, total)
-        if resume:
-            logger.truncate(start)
+        start, samples = run.resume_learners(group), None
+        if run.saved is not None and (out / "state" / "kl_samples.json").is_file():
+            samples = json.loads((out / "state" / "kl_samples.json").read_text())
+        logger = run.logger
 
         def padded(s: dict[str, Any] | None) -> dict[str, torch.Tensor] | None:
             """The online samples as one padded batch, built once per refresh."""
@@ -195,17 +172,6 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
                 on_step(step + 1, metrics, fleet)
         summary = _summary(method, cfg, history, fleet, len(examples))
         return finish_run(out, group, summary, _format_summary(summary), {"stage": method, "steps": total})
-    finally:
-        logger.close()
-        if fleet is not None:
-            fleet.close()
-        if group is not None:
-            group.shutdown()
-        plan.release()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def kl_time_share(history: list[dict[str, float]]) -> float | None:

@@ -9,16 +9,16 @@ weights through the object store or a bucketed collective broadcast.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
 
 from rayalign.config.schema import LoraConfig, RolloutConfig, SyncConfig
 from rayalign.distributed.pool import ActorPool
 from rayalign.rollout.worker import RolloutActor
-from rayalign.sync.collective import CollectiveSync
-from rayalign.sync.object_store import ObjectStoreSync, SyncStats
+from rayalign.sync import SyncStats, WeightSyncError, make_sync
 from rayalign.utils.logging import log
 
 
@@ -28,16 +28,11 @@ class RolloutFleet:
         """`lora`: the policy is a LoRA adapter on `policy`; every sync sends the adapter only."""
         sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                     "n": cfg.n, "seed": seed}
-        workers = [RolloutActor.options(**plan.options("rollout", i), max_restarts=cfg.max_restarts)
-                   .remote(cfg.engine, policy, sampling, cfg.gpu_memory_utilization,
-                           lora.model_dump() if lora is not None and lora.enabled else None, cfg.vllm.model_dump())
-                   for i in range(cfg.workers)]
-        bucket = int(sync.bucket_mb * 1024**2)
-        if sync.kind == "collective":
-            gpus = learner_gpus > 0 and cfg.resources.num_gpus > 0
-            self.sync: Any = CollectiveSync(learners, workers, bucket, "nccl" if gpus else "gloo")
-        else:
-            self.sync = ObjectStoreSync(workers, bucket, source=learners)
+        workers = plan.spawn(RolloutActor, "rollout", cfg.engine, policy, sampling, cfg.gpu_memory_utilization,
+                             lora.model_dump() if lora is not None and lora.enabled else None, cfg.vllm.model_dump(),
+                             max_restarts=cfg.max_restarts)
+        gpus = learner_gpus > 0 and cfg.resources.num_gpus > 0
+        self.sync = make_sync(sync.kind, learners, workers, int(sync.bucket_mb * 1024**2), gpus, sync.timeout_s)
         self.pool = ActorPool("rollout", workers, on_restart=self._resync)
         self.engine = ray.get(workers[0].engine_name.remote())
 
@@ -53,18 +48,18 @@ class RolloutFleet:
         return self.pool.map("generate", prompt_ids, sampling)
 
     def push_weights(self) -> SyncStats:
-        """The learner's weights to every rollout worker. A worker that dies during the object-store
-        sync is restarted by Ray and re-synced on its own; the others already hold the new weights."""
+        """The learner's weights to every rollout worker. A worker that dies during the sync (in the
+        middle of a collective broadcast too) is restarted by Ray; the pool brings it back and
+        re-syncs it, and the sync makes sure every other worker holds the new weights."""
+        t0 = time.perf_counter()
         try:
             return self.sync.push()
-        except (RayActorError, ActorUnavailableError) as exc:
-            if isinstance(self.sync, CollectiveSync):
-                raise
-            log.warning("a rollout worker failed during the weight sync (%s); recovering", type(exc).__name__)
+        except WeightSyncError as exc:
+            log.warning("weight sync failed (%s); recovering", exc)
             back = self.pool.recover_restarted()
-            if not back:
-                raise
-            return self.sync.push(workers=[w for i, w in enumerate(self.pool.actors) if i not in back])
+            stats = self.sync.recover(back)
+            log.warning("weight sync recovered (rollout workers restarted: %s)", back or "none")
+            return dataclasses.replace(stats, seconds=time.perf_counter() - t0, recovered=True)
 
     def close(self) -> None:
         for a in self.pool.actors:

@@ -42,10 +42,11 @@ class RolloutWorker:
         return self.engine.load_weights(itertools.chain.from_iterable(
             unbucketize(m, f) for m, f in zip(metas, flats)))
 
-    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int, backend: str) -> None:
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float = 300.0) -> None:
         if self.group is not None:
             self.group.close()
-        self.group = CollectiveGroup.join(addr, port, rank, world_size, backend)
+        self.group = CollectiveGroup.join(addr, port, rank, world_size, backend, timeout_s)
 
     def receive_weights(self, metas: list[BucketMeta]) -> int:
         if self.group is None:

@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
 
+from rayalign.sync.base import SyncStats, WeightSyncError, register_sync
 from rayalign.sync.buckets import bucketize
 
-
-@dataclass
-class SyncStats:
-    seconds: float
-    bytes: int
-    buckets: int
-    tensors: int
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes / 1e6 / max(self.seconds, 1e-9)
-
-    def as_metrics(self) -> dict[str, float]:
-        return {"sync/seconds": self.seconds, "sync/mb": self.bytes / 1e6, "sync/mb_per_s": self.mb_per_s}
+__all__ = ["ObjectStoreSync", "SyncStats"]
 
 
 class ObjectStoreSync:
@@ -47,6 +35,11 @@ class ObjectStoreSync:
         """After worker `worker_index` restarted: send it the current weights."""
         return self.push(workers=[self.workers[worker_index]])
 
+    def recover(self, restarted: list[int]) -> SyncStats:
+        """The restarted workers were re-synced on their own; the others get this push again (a
+        worker that failed mid-load may hold a mix of old and new buckets)."""
+        return self.push(workers=[w for i, w in enumerate(self.workers) if i not in restarted])
+
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
              workers: Sequence[Any] | None = None) -> SyncStats:
         t0 = time.perf_counter()
@@ -61,8 +54,17 @@ class ObjectStoreSync:
                 refs.append(ray.put(flat))
                 nbytes += flat.numel() * flat.element_size()
         targets = self.workers if workers is None else list(workers)
-        counts = ray.get([w.load_buckets.remote(metas, refs) for w in targets])
+        try:
+            counts = ray.get([w.load_buckets.remote(metas, refs) for w in targets])
+        except (RayActorError, ActorUnavailableError) as exc:
+            raise WeightSyncError(f"a rollout worker failed while loading the weights: {type(exc).__name__}") from exc
         n = sum(len(m.names) for m in metas)
         if any(c != n for c in counts):
             raise RuntimeError(f"weight sync loaded {counts} tensors on the workers, sent {n}")
         return SyncStats(time.perf_counter() - t0, nbytes, len(metas), n)
+
+
+@register_sync("object_store")
+def _object_store(learners: Any, workers: Sequence[Any], bucket_bytes: int, gpus: bool = False,
+                  timeout_s: float = 120.0) -> ObjectStoreSync:
+    return ObjectStoreSync(workers, bucket_bytes, source=learners)
