@@ -23,7 +23,7 @@ cpu_defaults(ROOT)
 # `make test-fast` (pytest -m fast): these modules' tests that need no quick demo
 FAST_MODULES = {"test_ppo_math", "test_preference_math", "test_merge", "test_config", "test_placement", "test_world",
                 "test_pareto", "test_serve_units", "test_sync_buckets", "test_models", "test_logprobs",
-                "test_reward_sources", "test_logging"}
+                "test_reward_sources", "test_logging", "test_lora", "test_scorers"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -221,3 +221,16 @@ def tokenizer_and_preset(tmp_path_factory: pytest.TempPathFactory):
     tok = train_tokenizer(0)
     path = build_preset("tiny", tmp_path_factory.mktemp("preset") / "tiny", tok)
     return tok, path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tokenizer_and_preset, tmp_path_factory):
+    """Three mergeable checkpoints without the demo: the tiny preset (random init, seed 0) as `base`
+    and two more of the same architecture and tokenizer with other seeds, `a` and `b` (~1 s). For
+    tests that need models to merge, adapt or load, not trained ones."""
+    from rayalign.models.presets import build_preset
+
+    tok, base = tokenizer_and_preset
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {"base": base, "a": build_preset("tiny", root / "a", tok, seed=1),
+            "b": build_preset("tiny", root / "b", tok, seed=2)}

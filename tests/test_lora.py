@@ -71,8 +71,8 @@ def _adapter(base, out, seed, targets, r=4):
 
 
 @pytest.fixture(scope="module")
-def experts(quick_demo, tmp_path_factory):
-    base = quick_demo / "base" / "model"
+def experts(checkpoints, tmp_path_factory):
+    base = checkpoints["base"]
     root = tmp_path_factory.mktemp("adapters")
     a = _adapter(base, root / "a", 0, ["q_proj", "v_proj", "down_proj"], r=4)
     b = _adapter(base, root / "b", 1, ["q_proj", "k_proj", "o_proj", "up_proj"], r=8)
@@ -164,7 +164,7 @@ def test_mergekit_yaml_with_base_plus_lora_models(experts, tmp_path):
         parse_spec({**data, "models": [{"model": f"{a_full}+{a}", "parameters": {"weight": 1.0}}]})
 
 
-def test_bad_adapters_are_named_and_nothing_is_written(experts, tmp_path, quick_demo):
+def test_bad_adapters_are_named_and_nothing_is_written(experts, tmp_path, checkpoints):
     base, (a, _), (b, _) = experts
     out = tmp_path / "out"
 
@@ -180,7 +180,7 @@ def test_bad_adapters_are_named_and_nothing_is_written(experts, tmp_path, quick_
     other = tmp_path / "other"
     shutil.copytree(a, other)
     cfg = json.loads((other / "adapter_config.json").read_text())
-    (other / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(quick_demo / "presets" / "tiny")}))
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(checkpoints["a"])}))
     refused({**lin((other, 0.5), (b, 0.5)), "output": "adapter"}, "different bases")
     with pytest.raises(MergeInputError, match="trained on base"):
         load_adapter(other, base=str(base))
@@ -201,23 +201,23 @@ def test_bad_adapters_are_named_and_nothing_is_written(experts, tmp_path, quick_
         apply_lora(load_causal_lm(base)[0], LoraConfig(r=4, target_modules=["wq", "q_proj"]))
 
 
-def test_an_adapter_for_a_differently_shaped_base_is_refused(quick_demo, tmp_path):
+def test_an_adapter_for_a_differently_shaped_base_is_refused(checkpoints, tmp_path):
     """Same module names, other shapes (the small preset's adapter claimed for the tiny base)."""
     small = tmp_path / "small"
     from rayalign.models.checkpoint import load_tokenizer
     from rayalign.models.presets import build_preset
 
-    build_preset("small", small, load_tokenizer(quick_demo / "base" / "model"))
+    build_preset("small", small, load_tokenizer(checkpoints["base"]))
     ad, _ = _adapter(small, tmp_path / "ad", 0, ["q_proj"])
     cfg = json.loads((ad / "adapter_config.json").read_text())
-    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(quick_demo / "base" / "model")}))
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(checkpoints["base"])}))
     with pytest.raises(MergeInputError, match="another base"):
-        merge_to_disk(MergeSpec(method="expo", alpha=0.3, base_model=str(quick_demo / "base" / "model"),
+        merge_to_disk(MergeSpec(method="expo", alpha=0.3, base_model=str(checkpoints["base"]),
                                 models=[{"model": str(ad)}]), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_rank_vllm_cannot_serve_is_refused_at_config_load(quick_demo):
+def test_a_rank_vllm_cannot_serve_is_refused_at_config_load():
     with pytest.raises(ConfigError, match=r"up to 512.*\[1, 8, 16, 32, 64, 128, 256, 320, 512\]"):
         load_config(RLConfig, None, ["policy=p", "output=o", "learner.actor.lora.r=600"])
     with pytest.raises(ConfigError, match="vLLM applies LoRA to"):

@@ -34,8 +34,8 @@ def test_several_reward_models_stack_their_heads(quick_demo, tmp_path):
         RewardScorer("model", [])
 
 
-def test_reference_worker_dtype(quick_demo):
-    sft = [str(quick_demo / "sft" / "sft-0"), str(quick_demo / "sft" / "sft-1")]
+def test_reference_worker_dtype(checkpoints):
+    sft = [str(checkpoints["a"]), str(checkpoints["b"])]
     ids = torch.tensor([[1, 5, 9, 13, 17, 21], [1, 7, 11, 2, 0, 0]])
     batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
     fp32 = ReferenceWorker(sft, dtype="auto")  # float32 on the CPU
