@@ -10,11 +10,15 @@
    actor, actor+critic learner, 1 PPO epoch) against TRL's RLOOTrainer (transformers generate,
    same reward function, same reference KL, 1 epoch, no critic) on the same model, prompts,
    batch (prompts x samples) and response cap; samples/s and response tokens/s, steady state
-   (the first iteration/step is excluded: engine warm-up). TRL runs in its own virtual
-   environment under --work (installed on first use with the same CPU constraints), never in
-   rayalign's.
+   (the first iteration/step is excluded: engine warm-up).
+4. grpo: `rayalign train grpo` (no critic, KL to the reference as a k3 loss term) against TRL's
+   GRPOTrainer (the same: group-normalised advantages, beta k3 term, 1 iteration per batch) on
+   the same model, prompts, --grpo-prompts x --grpo-n samples per step and response cap.
 
-    python benchmarks/rl_throughput.py [--only rollout sync ppo] [--model DIR] [--work .cache/bench-rl]
+TRL runs in its own virtual environment under --work (installed on first use with the same CPU
+constraints), never in rayalign's.
+
+    python benchmarks/rl_throughput.py [--only rollout sync ppo grpo] [--model DIR] [--work .cache/bench-rl]
 
 --model defaults to a freshly built `small` preset (random weights: throughput does not depend
 on what the model has learned). Ratios > 1 mean rayalign is faster.
@@ -169,7 +173,7 @@ TRL_SCRIPT = r'''
 import json, sys, time
 from datasets import Dataset
 from transformers import AutoTokenizer, TrainerCallback
-from trl import RLOOConfig, RLOOTrainer
+import trl
 from rayalign.world.gold import gold_vector
 import numpy as np
 
@@ -192,25 +196,32 @@ class Clock(TrainerCallback):
 
 tok = AutoTokenizer.from_pretrained(a["model"])
 ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in a["prompts"]]})
-cfg = RLOOConfig(output_dir=a["out"], per_device_train_batch_size=a["batch"], num_generations=a["n"],
+Config, Trainer = getattr(trl, a["trainer"] + "Config"), getattr(trl, a["trainer"] + "Trainer")
+cfg = Config(output_dir=a["out"], per_device_train_batch_size=a["batch"], num_generations=a["n"],
                  max_completion_length=a["max_new_tokens"], learning_rate=5e-5, beta=a["beta"], num_iterations=1,
                  max_steps=a["steps"], logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
                  temperature=1.0, top_k=0, disable_dropout=True, seed=0, dataloader_num_workers=0)
 clock = Clock()
-trainer = RLOOTrainer(model=a["model"], reward_funcs=gold, args=cfg, train_dataset=ds, processing_class=tok,
+trainer = Trainer(model=a["model"], reward_funcs=gold, args=cfg, train_dataset=ds, processing_class=tok,
                       callbacks=[clock])
 trainer.train()
 print("RESULT " + json.dumps({"step_times": list(np.diff(clock.t)), "lengths": clock.lengths}))
 '''
 
 
-def bench_ppo(work: Path, model: Path, prompts: int, n: int, max_new_tokens: int, steps: int, beta: float) -> dict:
+# rayalign's method -> (TRL trainer, rayalign's algo settings that match it)
+PEERS = {"ppo": ("RLOO", {"epochs": 1}), "grpo": ("GRPO", {"epochs": 1, "estimator": "grpo"})}
+
+
+def bench_rl(work: Path, model: Path, method: str, prompts: int, n: int, max_new_tokens: int, steps: int,
+             beta: float) -> dict:
     import shutil
 
     from rayalign.config.schema import RLConfig
     from rayalign.recipes.ppo import run_rl
 
-    out_dir = work / "ppo-run"
+    trainer, algo = PEERS[method]
+    out_dir = work / f"{method}-run"
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = RLConfig.model_validate({
         "policy": str(model), "output": str(out_dir), "steps": steps, "prompts_per_step": prompts, "save_every": 0,
@@ -218,8 +229,8 @@ def bench_ppo(work: Path, model: Path, prompts: int, n: int, max_new_tokens: int
         "reward": {"resources": {"num_cpus": 0.1}}, "reference": {"resources": {"num_cpus": 0.1}},
         "learner": {"resources": {"num_cpus": 0.5},
                     "actor": {"micro_batch_size": 16, "lr": 5e-5}, "critic": {"micro_batch_size": 16, "lr": 5e-4}},
-        "algo": {"beta": beta, "epochs": 1}})
-    run_rl(cfg, "ppo")
+        "algo": {"beta": beta, **algo}})
+    run_rl(cfg, method)
     rows = [json.loads(x) for x in (out_dir / "logs" / "metrics.jsonl").read_text().splitlines()][1:]
     ours_t = sum(r["time/iteration"] for r in rows)
     ours = {"samples_per_s": len(rows) * prompts * n / ours_t,
@@ -228,22 +239,23 @@ def bench_ppo(work: Path, model: Path, prompts: int, n: int, max_new_tokens: int
             "stage_seconds": {k[5:]: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k.startswith("time/")}}
 
     py = peer_python(work, "trl")
-    args = {"model": str(model), "prompts": world_prompts(prompts * steps), "batch": prompts * n, "n": n,
-            "max_new_tokens": max_new_tokens, "steps": steps, "beta": beta, "out": str(work / "trl-run"),
-            "weights": [0.6, 0.2, 0.2]}
-    res = run_peer_script(py, TRL_SCRIPT, args, "TRL RLOO run")
+    args = {"trainer": trainer, "model": str(model), "prompts": world_prompts(prompts * steps), "batch": prompts * n,
+            "n": n, "max_new_tokens": max_new_tokens, "steps": steps, "beta": beta,
+            "out": str(work / f"trl-{trainer.lower()}-run"), "weights": [0.6, 0.2, 0.2]}
+    res = run_peer_script(py, TRL_SCRIPT, args, f"TRL {trainer} run")
     times, lengths = res["step_times"][1:], res["lengths"][1:len(res["step_times"])]
     trl_t = sum(times)
-    trl = {"samples_per_s": len(times) * prompts * n / trl_t,
-           "tokens_per_s": sum(lengths) * prompts * n / trl_t if lengths else float("nan"),
-           "seconds_per_iteration": trl_t / len(times)}
-    out = {"rayalign_ppo": ours, "trl_rloo": trl, "ratio_samples_per_s": ours["samples_per_s"] / trl["samples_per_s"],
-           "ratio_tokens_per_s": ours["tokens_per_s"] / trl["tokens_per_s"]}
-    print(f"PPO training ({prompts} prompts x {n}, <= {max_new_tokens} tokens, {steps - 1} steady iterations): "
-          f"rayalign {ours['samples_per_s']:.1f} samples/s {ours['tokens_per_s']:.0f} tok/s; TRL RLOO "
-          f"{trl['samples_per_s']:.1f} samples/s {trl['tokens_per_s']:.0f} tok/s; ratio "
+    peer = {"trainer": f"{trainer}Trainer", "samples_per_s": len(times) * prompts * n / trl_t,
+            "tokens_per_s": sum(lengths) * prompts * n / trl_t if lengths else float("nan"),
+            "seconds_per_iteration": trl_t / len(times)}
+    out = {f"rayalign_{method}": ours, f"trl_{trainer.lower()}": peer,
+           "ratio_samples_per_s": ours["samples_per_s"] / peer["samples_per_s"],
+           "ratio_tokens_per_s": ours["tokens_per_s"] / peer["tokens_per_s"]}
+    print(f"{method.upper()} training ({prompts} prompts x {n}, <= {max_new_tokens} tokens, {steps - 1} steady "
+          f"iterations): rayalign {ours['samples_per_s']:.1f} samples/s {ours['tokens_per_s']:.0f} tok/s; TRL "
+          f"{trainer}Trainer {peer['samples_per_s']:.1f} samples/s {peer['tokens_per_s']:.0f} tok/s; ratio "
           f"{out['ratio_samples_per_s']:.2f}x samples/s, {out['ratio_tokens_per_s']:.2f}x tok/s", flush=True)
-    print("  rayalign stage seconds per iteration: " +
+    print(f"  rayalign {method} stage seconds per iteration: " +
           ", ".join(f"{k} {v:.2f}" for k, v in ours["stage_seconds"].items()), flush=True)
     return out
 
@@ -251,7 +263,8 @@ def bench_ppo(work: Path, model: Path, prompts: int, n: int, max_new_tokens: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["rollout", "sync", "ppo"], default=["rollout", "sync", "ppo"])
+    p.add_argument("--only", nargs="+", choices=["rollout", "sync", "ppo", "grpo"],
+                   default=["rollout", "sync", "ppo", "grpo"])
     p.add_argument("--model", type=Path, help="model directory (default: a freshly built `small` preset)")
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-rl")
     p.add_argument("--prompts", type=int, default=32)
@@ -260,6 +273,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="PPO iterations (the first is warm-up)")
     p.add_argument("--beta", type=float, default=0.05)
+    p.add_argument("--grpo-prompts", type=int, default=16, help="GRPO: prompts per step")
+    p.add_argument("--grpo-n", type=int, default=4, help="GRPO: samples per prompt (the group)")
     p.add_argument("--sync-mb", type=float, default=256.0)
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -272,7 +287,9 @@ def main() -> None:
     if "sync" in a.only:
         results["sync"] = bench_sync(a.work, a.sync_mb, a.repeats)
     if "ppo" in a.only:
-        results["ppo"] = bench_ppo(a.work, model, a.prompts, a.n, a.max_new_tokens, a.steps, a.beta)
+        results["ppo"] = bench_rl(a.work, model, "ppo", a.prompts, a.n, a.max_new_tokens, a.steps, a.beta)
+    if "grpo" in a.only:
+        results["grpo"] = bench_rl(a.work, model, "grpo", a.grpo_prompts, a.grpo_n, a.max_new_tokens, a.steps, a.beta)
     (a.work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results: {a.work / 'results.json'}")
 

@@ -32,7 +32,11 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     assert 0.0 <= results["reward_model"]["heldout_accuracy"]["all"] <= 1.0
     report = (quick_demo / "report.md").read_text()
     assert "| sft-0 |" in report and "Held-out pair accuracy" in report
-    assert "## PPO and SALSA" in report and "| salsa (vllm) | 3 |" in report
+    assert "## PPO and SALSA" in report
+    gold = "the gold objectives (informative, concise, friendly), weighted [0.6, 0.2, 0.2]"
+    assert f"| salsa (vllm) | {gold} | sft-0 + sft-1 | 3 |" in report and f"| ppo (vllm) | {gold} | sft-0 | 3 |" in report
+    assert "They optimise no reward: their loss is on preference pairs (world preference pairs" in report
+    assert "- backbone-0: reward.weights=[0.7, 0.3, 0.0]" in report  # Bone backbone j on h_j = (B r)_j
     assert "![gold rewards](gold_rewards.png)" in report
     # SPO (online global KL) and DPO stages
     assert set(results["preference"]) == {"spo", "dpo"} and "spo vs dpo" in results["win_rate"]

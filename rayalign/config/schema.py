@@ -347,6 +347,23 @@ class RewardConfig(Strict):
             raise ValueError(f"reward.http {self.http!r} is not an http(s) URL")
         return self
 
+    def describe(self) -> str:
+        """What the policy is rewarded by, in words (reports and summaries)."""
+        parts = []
+        for k in self.kinds:
+            if k == "gold":
+                parts.append("the gold objectives (informative, concise, friendly)")
+            elif k == "model":
+                parts.append(f"reward model(s) {self.model}")
+            elif k == "function":
+                parts.append(f"reward function(s) {self.function}")
+            else:
+                parts.append(f"the reward service {self.http}")
+        text = " + ".join(parts)
+        if self.conditioning == "prompt":
+            return f"{text}, combined by a preference vector told in the prompt (Prompted-MORL)"
+        return f"{text}, weighted {self.weights}" if len(self.weights) > 1 else text
+
     def scorer_args(self) -> dict[str, Any]:
         """The RewardScorer's arguments (its actor is built from them)."""
         return {"kind": self.kind, "model": self.model, "weights": self.weights, "max_len": self.max_len,

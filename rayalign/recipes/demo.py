@@ -206,10 +206,12 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
                      "gain": results[f"{m}+expo"].summary()["combined"] - results[m].summary()["combined"]}
                  for m, r in expo_results.items()},
         "soups": soups,
-        "preference": {m: {"steps": v["steps"], "pairs_per_step": v["pairs_per_step"], "first": v["first"], "last": v["last"],
+        "preference": {m: {"steps": v["steps"], "pairs_per_step": v["pairs_per_step"], "data": v["data"],
+                           "first": v["first"], "last": v["last"],
                            "kl_time_share": v["kl_time_share"], "mean_times": v["mean_times"]}
                        for m, v in pref_summaries.items()},
-        "rl": {m: {"iterations": v["iterations"], "engine": v["engine"], "first": v["first"], "last": v["last"],
+        "rl": {m: {"iterations": v["iterations"], "engine": v["engine"], "reward": v["reward"],
+                   "reference": v["reference"]["models"], "first": v["first"], "last": v["last"],
                    "mean_times": v["mean_times"], "kl_hack_alarms": v["kl_hack_alarms"]}
                for m, v in rl_summaries.items()},
         "reward_model": {"heldout_accuracy": rm_info["heldout_accuracy"], "heldout_pairs": rm_info["heldout_pairs"]},
@@ -269,16 +271,22 @@ def render_report(summary: dict[str, Any]) -> str:
               "from held-out prompts.", "",
               ""]
     if summary.get("rl"):
-        lines += ["## PPO and SALSA (from SFT-0, gold reward, on Ray)", "",
-                  "| run | iterations | training reward first -> last | KL to reference (last batch, k1 sample estimate) | "
-                  "mean s/iteration |", "|---|---|---|---|---|"]
+        lines += ["## PPO and SALSA (from SFT-0, on Ray)", "",
+                  "| run | reward optimised | reference | iterations | training reward first -> last | "
+                  "KL to reference (last batch, k1 sample estimate) | mean s/iteration |",
+                  "|---|---|---|---|---|---|---|"]
         for m, v in summary["rl"].items():
-            lines.append(f"| {m} ({v['engine']}) | {v['iterations']} | {v['first']['reward/score']:.3f} -> "
+            ref = " + ".join(Path(p).name for p in v["reference"])
+            lines.append(f"| {m} ({v['engine']}) | {v['reward']} | {ref} | {v['iterations']} | "
+                         f"{v['first']['reward/score']:.3f} -> "
                          f"{v['last']['reward/score']:.3f} | {v['last']['kl/sequence']:.2f} | "
                          f"{v['mean_times'].get('time/iteration', float('nan')):.1f} |")
         lines.append("")
     if summary.get("preference"):
         lines += ["## SPO and DPO (from SFT-0, pi_ref = SFT-0, the same preference pairs, on Ray)", "",
+                  "They optimise no reward: their loss is on preference pairs (" +
+                  next(iter(summary["preference"].values())).get("data", "the world's pairs") +
+                  ", labelled by Bradley-Terry sampling on the gold combination).", "",
                   "| run | steps x pairs | pair accuracy first -> last | SPO global KL (online samples) | "
                   "global KL share of step time | mean s/step |", "|---|---|---|---|---|---|"]
         for m, v in summary["preference"].items():

@@ -418,6 +418,7 @@ def _summary(method: str, cfg: RLConfig, history: list[dict[str, float]], monito
     keys = ["reward/score", "kl/sequence", "response/length", "gold/combined"]
     return {
         "method": method, "iterations": last.get("iteration", 0), "engine": roles.engine,
+        "reward": cfg.reward.describe(), "estimator": cfg.algo.estimator, "beta": cfg.algo.beta,
         "reference": {"models": cfg.reference.models, "weights": cfg.reference.weights},
         "first": {k: first[k] for k in keys if k in first}, "last": {k: last[k] for k in keys if k in last},
         "kl_hack_alarms": monitor.alarms, "restarts": last.get("restarts", 0),

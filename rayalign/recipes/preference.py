@@ -194,7 +194,7 @@ def _summary(method: str, cfg: PrefConfig, history: list[dict[str, float]], flee
                                                                          "time/generate") if any(k in h for h in history)}
     return {
         "method": method, "steps": last.get("step", 0), "pairs": pairs, "pairs_per_step": cfg.pairs_per_step,
-        "algo": cfg.algo.model_dump(), "reference": {"models": cfg.reference.models, "weights": cfg.reference.weights},
+        "data": f"{cfg.data.source} preference pairs ({cfg.data.split})", "algo": cfg.algo.model_dump(), "reference": {"models": cfg.reference.models, "weights": cfg.reference.weights},
         "first": {k: first[k] for k in keys if k in first}, "last": {k: last[k] for k in keys if k in last},
         "mean_times": means, "kl_time_share": kl_time_share(history),
         "engine": fleet.engine if fleet else None, "restarts": fleet.restarts if fleet else 0,

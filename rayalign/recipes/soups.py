@@ -270,6 +270,10 @@ def render(r: dict[str, Any], heading: str = "#", images: str = "") -> str:
                      + " | ".join(f"{c['per_objective'][o]:.3f}" for o in objs) + f" | {v['win_rate_vs_sft']:.1%} |")
     for name, w in r.get("pairwise", {}).items():
         lines.append(f"\n{name} (mu . r win rate over the grid): {w:.1%}")
+    if r.get("training_runs"):
+        lines += ["", "Reward each PPO run optimised (overrides of its RL config; reward.kind gold unless given):", ""]
+        lines += [f"- {name}: {', '.join(o for o in over if o.startswith(('reward.', 'critic'))) or '-'}"
+                  for name, over in r["training_runs"].items()]
     if r.get("shared_experts"):
         lines.append("\nPersonalized Soups used the gold-trained experts of Rewarded Soups (no per-objective reward "
                      "model was given), so the two rows are the same models.")

