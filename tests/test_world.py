@@ -96,3 +96,25 @@ def test_bt_label_probability():
     with pytest.raises(ValueError, match="weights need 3 entries"):
         build.preference_dataset(["describe the cat ."], [1.0], 1, 0.0, 0)
     assert len(OBJECTIVES) == 3
+
+
+def test_sft_seeds_can_train_on_their_own_demonstrations():
+    """seed_data: shared (one set of rows), subset (a seeded share each) or resample (new samples)."""
+    from rayalign.config.schema import SFTConfig
+    from rayalign.recipes.supervised import seed_rows
+
+    def texts(rows):
+        return [str(r["messages"]) for r in rows]
+
+    shared = SFTConfig(base="b", output="o")
+    assert texts(seed_rows(shared, 0)) == texts(seed_rows(shared, 1))
+    sub = SFTConfig(base="b", output="o", seed_data="subset", seed_data_fraction=0.5)
+    a, b, full = texts(seed_rows(sub, 0)), texts(seed_rows(sub, 1)), texts(seed_rows(shared, 0))
+    assert len(a) == len(b) == round(len(full) / 2) and a == texts(seed_rows(sub, 0))  # seeded, repeatable
+    assert 0.35 < len(set(a) & set(b)) / len(a) < 0.65  # independent halves overlap by about a half
+    res = SFTConfig(base="b", output="o", seed_data="resample")
+    r0, r1 = seed_rows(res, 0), seed_rows(res, 1)
+    assert sorted(r["prompt"] for r in r0) == sorted(r["prompt"] for r in r1)  # the same prompts ...
+    assert len(set(texts(r0)) & set(texts(r1))) < 0.05 * len(r0)  # ... other demonstrations
+    with pytest.raises(ValueError, match="seed_data=resample draws new demonstrations from the embedded world"):
+        seed_rows(SFTConfig(base="b", output="o", seed_data="resample", data={"source": "x.jsonl"}), 0)

@@ -213,6 +213,12 @@ class SFTConfig(Strict):
     learner: LearnerConfig = LearnerConfig(lr=1e-3, micro_batch_size=16)
     epochs: float = Field(2.0, gt=0)
     save_every: int = Field(100, ge=0, description="optimiser steps between resumable states (0: only at the end)")
+    seed_data: Literal["shared", "subset", "resample"] = Field(
+        "shared", description="what makes the seeds differ besides their data order and initialisation: shared: "
+        "every seed trains on the same demonstrations; subset: seed s trains on its own random "
+        "`seed_data_fraction` of them; resample: (the embedded world) seed s gets freshly sampled "
+        "demonstrations of the same prompts")
+    seed_data_fraction: float = Field(0.5, gt=0, le=1, description="subset: the share of the rows each seed takes")
     train: TrainScaling = TrainScaling()
 
 

@@ -98,9 +98,28 @@ def sft_rows(data: DataConfig, world_cfg: WorldConfig, split: str | None = None)
     return load_rows(data.source, "sft", split=split or data.split, limit=data.limit)
 
 
+def seed_rows(cfg: SFTConfig, s: int) -> Any:
+    """Seed s's demonstrations. `shared`: the same rows for every seed (seeds differ in data order,
+    dropout and, under LoRA, the adapter's initialisation); `subset`: a random share of them drawn by
+    the seed; `resample`: the world's demonstrations sampled again with the seed (other responses to
+    the same prompts)."""
+    if cfg.seed_data == "resample":
+        if cfg.data.source != "world":
+            raise ValueError("seed_data=resample draws new demonstrations from the embedded world; with "
+                             f"data.source={cfg.data.source!r} use seed_data=subset")
+        prompts = build.split_prompts(cfg.world.seed)[cfg.data.split]
+        ds = build.sft_dataset(prompts, cfg.world.sft_per_prompt, cfg.world.seed + 7919 * (s + 1))
+        return ds.select(range(min(cfg.data.limit, len(ds)))) if cfg.data.limit else ds
+    rows = sft_rows(cfg.data, cfg.world)
+    if cfg.seed_data == "subset":
+        keep = max(1, round(cfg.seed_data_fraction * len(rows)))
+        return rows.select(sorted(np.random.default_rng([s, 104729]).choice(len(rows), keep, replace=False)))
+    return rows
+
+
 def run_sft(cfg: SFTConfig, resume: bool = False) -> list[Path]:
     """Train one SFT model per seed from the same base: OUTPUT/sft-SEED. Seeds change the data
-    order (and any sampling), so the models are independent runs in one basin."""
+    order and, with `seed_data`, the demonstrations themselves (see `seed_rows`)."""
     out = Path(cfg.output)
     template = chat_template(cfg, load_tokenizer(check_dir(cfg.base) if is_local(cfg.base) else cfg.base))
     claim_output(out, resume)
@@ -124,7 +143,7 @@ def _sft_seed(cfg: SFTConfig, s: int, template: str, state: TrainState) -> None:
     if target.is_dir():  # a restarted worker group after the model was written
         return
     seed_everything(s)
-    rows = sft_rows(cfg.data, cfg.world)
+    rows = seed_rows(cfg, s)
     model, tok = load_causal_lm(cfg.base)
     tok.chat_template = template
     examples = [encode_sft(tok, r["messages"], cfg.data.max_seq_len) for r in rows]
