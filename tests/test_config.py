@@ -137,3 +137,14 @@ def test_cli_train_methods_are_the_registrys():
     critic_free = {name for name in ADVANTAGES if name != "gae"}
     assert {m.value for m in Method} == {"ppo", "salsa"} | critic_free | set(PREFERENCE_LOSSES)
     assert {"grpo", "dr_grpo", "rloo", "reinforce_pp", "spo", "dpo", "ipo"} <= {m.value for m in Method}
+
+
+def test_weight_sync_kinds_come_from_the_registry():
+    from rayalign.config.schema import RLConfig
+    from rayalign.sync import sync_kinds
+
+    assert sync_kinds() == ["collective", "object_store"]
+    cfg = load_config(RLConfig, None, ["policy=p", "output=o", "sync.kind=object_store", "sync.timeout_s=5"])
+    assert cfg.sync.kind == "object_store" and cfg.sync.timeout_s == 5
+    with pytest.raises(ConfigError, match="unknown weight sync 'nccl'; registered: collective, object_store"):
+        load_config(RLConfig, None, ["policy=p", "output=o", "sync.kind=nccl"])

@@ -446,8 +446,7 @@ class PPOAlgoConfig(Strict):
     def _estimator(cls, v: str) -> str:
         from rayalign.losses.advantages import ADVANTAGES
 
-        if v not in ADVANTAGES:
-            raise ValueError(f"unknown advantage estimator {v!r}; registered: {', '.join(sorted(ADVANTAGES))}")
+        ADVANTAGES.lookup(v)  # names the registered estimators when v is not one
         return v
 
     @field_validator("policy_loss")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from rayalign.losses.ppo import gae, masked_whiten, token_rewards
+from rayalign.utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -60,27 +61,21 @@ class AdvantageEstimator:
     paper: str
 
 
-ADVANTAGES: dict[str, AdvantageEstimator] = {}
+ADVANTAGES: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
 def register_advantage(name: str, *, paper: str, needs_values: bool = False, needs_groups: bool = True,
                        kl_in_loss: bool = True, token_sum_loss: bool = False
                        ) -> Callable[[Callable[[AdvantageInputs], Estimate]], Callable[[AdvantageInputs], Estimate]]:
     def add(fn: Callable[[AdvantageInputs], Estimate]) -> Callable[[AdvantageInputs], Estimate]:
-        if name in ADVANTAGES:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGES[name] = AdvantageEstimator(name, fn, needs_values, needs_groups, kl_in_loss, token_sum_loss,
-                                              paper)
+        ADVANTAGES.add(name, AdvantageEstimator(name, fn, needs_values, needs_groups, kl_in_loss, token_sum_loss,
+                                                paper))
         return fn
     return add
 
 
 def advantage_estimator(name: str) -> AdvantageEstimator:
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; registered: {', '.join(sorted(ADVANTAGES))}") \
-            from None
+    return ADVANTAGES.lookup(name)
 
 
 def critic_free_estimators() -> list[str]:

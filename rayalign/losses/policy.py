@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from rayalign.losses.ppo import aggregate, masked_mean, policy_loss
+from rayalign.utils.registry import Registry
 
 PolicyLossOut = tuple[torch.Tensor, dict[str, float]]
 
@@ -47,25 +48,20 @@ class PolicyLoss:
     paper: str
 
 
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
 
 
 def register_policy_loss(name: str, *, paper: str
                          ) -> Callable[[Callable[[PolicyLossInputs], PolicyLossOut]],
                                        Callable[[PolicyLossInputs], PolicyLossOut]]:
     def add(fn: Callable[[PolicyLossInputs], PolicyLossOut]) -> Callable[[PolicyLossInputs], PolicyLossOut]:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = PolicyLoss(name, fn, paper)
+        POLICY_LOSSES.add(name, PolicyLoss(name, fn, paper))
         return fn
     return add
 
 
 def policy_loss_fn(name: str) -> PolicyLoss:
-    try:
-        return POLICY_LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy loss {name!r}; registered: {', '.join(sorted(POLICY_LOSSES))}") from None
+    return POLICY_LOSSES.lookup(name)
 
 
 @register_policy_loss("clip", paper="arXiv 1707.06347")

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rayalign.utils.registry import Registry
+
 
 def sequence_logprob(token_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, T] per-token log-probs and a 0/1 mask of response tokens -> [B] summed log-probs."""
@@ -108,26 +110,20 @@ class PreferenceLoss:
     paper: str
 
 
-PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
+PREFERENCE_LOSSES: Registry[PreferenceLoss] = Registry("preference loss")
 
 
 def register_preference_loss(name: str, *, paper: str, needs_reference: bool, online_kl: bool = False
                              ) -> Callable[[Callable[[PairLogprobs, Any], torch.Tensor]],
                                            Callable[[PairLogprobs, Any], torch.Tensor]]:
     def add(fn: Callable[[PairLogprobs, Any], torch.Tensor]) -> Callable[[PairLogprobs, Any], torch.Tensor]:
-        if name in PREFERENCE_LOSSES:
-            raise ValueError(f"preference loss {name!r} is already registered")
-        PREFERENCE_LOSSES[name] = PreferenceLoss(name, fn, needs_reference, online_kl, paper)
+        PREFERENCE_LOSSES.add(name, PreferenceLoss(name, fn, needs_reference, online_kl, paper))
         return fn
     return add
 
 
 def preference_loss(name: str) -> PreferenceLoss:
-    try:
-        return PREFERENCE_LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown preference loss {name!r}; registered: {', '.join(sorted(PREFERENCE_LOSSES))}") \
-            from None
+    return PREFERENCE_LOSSES.lookup(name)
 
 
 def _ref(p: PairLogprobs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ import torch
 
 from rayalign.merge import kernels
 from rayalign.merge.coefficients import bone_matrix, bone_soup_coefficients, extrapolated
+from rayalign.utils.registry import Registry
 
 if TYPE_CHECKING:
     from rayalign.merge.spec import MergeSpec
@@ -75,21 +76,16 @@ class MergeMethod:
         return [float(x) for x in lam]
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
 def register_merge_method(cls: type[MergeMethod]) -> type[MergeMethod]:
-    if cls.name in MERGE_METHODS:
-        raise ValueError(f"merge method {cls.name!r} is already registered")
-    MERGE_METHODS[cls.name] = cls()
+    MERGE_METHODS.add(cls.name, cls())
     return cls
 
 
 def merge_method(name: str) -> MergeMethod:
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; registered: {', '.join(sorted(MERGE_METHODS))}") from None
+    return MERGE_METHODS.lookup(name)
 
 
 def preference_methods() -> list[str]:

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rayalign.utils.registry import Registry
+
 
 @dataclass
 class SyncStats:
@@ -62,26 +64,19 @@ class WeightSync(Protocol):
 
 
 SyncFactory = Callable[..., WeightSync]
-SYNC_KINDS: dict[str, SyncFactory] = {}
+SYNC_KINDS: Registry[SyncFactory] = Registry("weight sync")
 
 
 def register_sync(name: str) -> Callable[[SyncFactory], SyncFactory]:
     def add(factory: SyncFactory) -> SyncFactory:
-        if name in SYNC_KINDS:
-            raise ValueError(f"weight sync {name!r} is already registered")
-        SYNC_KINDS[name] = factory
-        return factory
+        return SYNC_KINDS.add(name, factory)
     return add
 
 
 def make_sync(kind: str, learners: WeightSource, workers: Sequence[Any], bucket_bytes: int, gpus: bool = False,
               timeout_s: float = 120.0) -> WeightSync:
     _register_builtins()
-    try:
-        factory = SYNC_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown weight sync {kind!r}; registered: {', '.join(sorted(SYNC_KINDS))}") from None
-    return factory(learners, workers, bucket_bytes=bucket_bytes, gpus=gpus, timeout_s=timeout_s)
+    return SYNC_KINDS.lookup(kind)(learners, workers, bucket_bytes=bucket_bytes, gpus=gpus, timeout_s=timeout_s)
 
 
 def sync_kinds() -> list[str]:
