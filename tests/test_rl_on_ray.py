@@ -3,6 +3,7 @@ rollout actors, weight sync by collective broadcast (gloo) and through the objec
 rollout actor killed and brought back, and a whole SALSA run that survives killed actors."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -194,3 +195,23 @@ def test_a_rollout_worker_killed_during_the_collective_sync_is_restarted_and_res
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["sync/recovered"] for r in rows] == [0.0, 1.0, 0.0]  # the failure surfaced in the sync itself
     assert rows[1]["restarts"] == 1 and rows[2]["restarts"] == 1
+
+
+def test_a_reward_function_that_does_not_import_is_named_before_training(quick_demo, local_ray, tmp_path):
+    """The function is imported inside the reward actor; its import error reaches the user as the
+    reward actor's start-up error naming the callable, and the run's actors are released."""
+    from rayalign.recipes.ppo import run_rl
+
+    cfg = _rl_cfg(quick_demo, tmp_path / "bad", reward={"kind": ["gold", "function"],
+                                                         "function": "no_such_module_xyz:score",
+                                                         "weights": [0.6, 0.2, 0.2, 1.0],
+                                                         "resources": {"num_cpus": 0.1}},
+                  rollout={"engine": "hf", "max_new_tokens": 16, "resources": {"num_cpus": 0.25}})
+    with pytest.raises(ValueError, match="reward actor 0 could not start: .*reward function 'no_such_module_xyz:score'"
+                                         ": cannot import no_such_module_xyz: ModuleNotFoundError"):
+        run_rl(cfg, "ppo")
+    assert not (tmp_path / "bad" / "policy").exists()
+    deadline = time.monotonic() + 30  # every actor and the plan released (Ray reports resources lazily)
+    while ray.available_resources().get("CPU", 0) < 2.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(2.0)

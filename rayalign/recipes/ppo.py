@@ -146,15 +146,22 @@ class Roles:
         refs = [] if self.own_reference else plan.spawn(
             ReferenceActor, "reference", cfg.reference.models, cfg.reference.weights, r.temperature,
             reference_dtype(cfg.reference.dtype, cfg.learner.actor.precision), max_restarts=cfg.reference.max_restarts)
-        self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic,  # None: resolve_roles chose no critic
-                                     r.temperature, cfg.seed, own_reference=self.own_reference,
-                                     total_steps=cfg.optimizer_steps, wait=False)
-        self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
-                                  learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=cfg.learner.actor.lora)
-        self.learners.ready()
+        self.learners: LearnerGroup | None = None
+        self.fleet: RolloutFleet | None = None
+        try:
+            self.learners = LearnerGroup(plan, cfg.learner, cfg.policy, cfg.critic,  # None: no critic chosen
+                                         r.temperature, cfg.seed, own_reference=self.own_reference,
+                                         total_steps=cfg.optimizer_steps, wait=False)
+            self.fleet = RolloutFleet(plan, r, cfg.sync, cfg.policy, self.learners,
+                                      learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed,
+                                      lora=cfg.learner.actor.lora)
+            self.learners.ready()
+            self.reward = ActorPool("reward", started(scorers, "reward"))
+            self.reference = ActorPool("reference", started(refs, "reference"))
+        except BaseException:  # a role that could not start: release the others before the error goes up
+            self._kill(scorers + refs)
+            raise
         self.rollout = self.fleet.pool
-        self.reward = ActorPool("reward", started(scorers, "reward"))
-        self.reference = ActorPool("reference", started(refs, "reference"))
         self.engine = self.fleet.engine
         self.objectives = ray.get(scorers[0].objective_names.remote())
 
@@ -166,11 +173,15 @@ class Roles:
         return self.rollout.restarts + self.reward.restarts + self.reference.restarts
 
     def close(self) -> None:
-        self.learners.shutdown()
-        self.fleet.close()
-        for pool in (self.reward, self.reference):
-            for a in pool.actors:
-                ray.kill(a, no_restart=True)
+        self._kill(self.reward.actors + self.reference.actors)
+
+    def _kill(self, actors: list[Any]) -> None:
+        if self.learners is not None:
+            self.learners.shutdown()
+        if self.fleet is not None:
+            self.fleet.close()
+        for a in actors:
+            ray.kill(a, no_restart=True)
 
 
 def started(actors: list[Any], role: str) -> list[Any]:
