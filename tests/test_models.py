@@ -79,3 +79,20 @@ def test_atomic_dir_never_leaves_half_written_output(tmp_path):
             pass
     assert (target / "f").read_text() == "ok"
     json.dumps({})
+
+
+def test_top_k_sampling_and_the_expo_papers_dev_sampling(tokenizer_and_preset):
+    """top_k = 1 at any temperature is greedy decoding; ExPO searches alpha with its paper's sampling."""
+    from rayalign.config.core import load_config
+    from rayalign.config.schema import ExpoConfig
+    from rayalign.eval.gold import generate
+
+    tok, path = tokenizer_and_preset
+    model, _ = load_causal_lm(path)
+    prompts = ["what colour is the apple ?", "where does the fox live ?"]
+    greedy = generate(model, tok, prompts, n=1, max_new_tokens=8, temperature=0.0)
+    assert generate(model, tok, prompts, n=2, max_new_tokens=8, temperature=1.5, top_k=1, seed=3) == \
+        [g * 2 for g in greedy]
+    assert generate(model, tok, prompts, n=2, max_new_tokens=8, temperature=1.5, seed=3) != [g * 2 for g in greedy]
+    dev = load_config(ExpoConfig, None, ["sft=a", "aligned=b", "output=o", "reward.kind=gold"]).dev
+    assert (dev.temperature, dev.top_p, dev.top_k) == (0.7, 0.9, 40)

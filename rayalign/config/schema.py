@@ -697,6 +697,8 @@ class RolloutEvalConfig(Strict):
     samples_per_prompt: int = Field(2, ge=1)
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: every token")
 
 
 class ExpoConfig(Strict):
@@ -710,7 +712,9 @@ class ExpoConfig(Strict):
                                 description="candidates (the paper's 0.1-0.5; under-trained models want larger); "
                                 "0 keeps theta_1")
     reward: ScorerConfig = ScorerConfig()
-    dev: RolloutEvalConfig = RolloutEvalConfig()
+    dev: RolloutEvalConfig = Field(RolloutEvalConfig(temperature=0.7, top_p=0.9, top_k=40),
+                                   description="dev rollouts of every candidate: by default the ExPO paper's "
+                                   "sampling (temperature 0.7, top-p 0.9, top-k 40)")
     min_gain_se: float = Field(1.0, ge=0, description="an alpha is chosen only if its dev reward gain over the "
                                "smallest alpha exceeds this many paired standard errors (0: plain argmax)")
     world: WorldConfig = WorldConfig()

@@ -56,12 +56,14 @@ def win_rate(a: GoldResult, b: GoldResult) -> float:
 
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[str], n: int = 1, max_new_tokens: int = 40,
-             temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[list[str]]:
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 64, top_p: float = 1.0,
+             top_k: int = 0) -> list[list[str]]:
     """HF generate (the fallback rollout path): n responses per prompt, decoded without specials."""
     model.eval()
     torch.manual_seed(seed)
     rollouts = hf_generate(model, tok, [encode_prompt(tok, p) for p in prompts],
-                           SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, n=n), batch_size)
+                           SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k,
+                                          max_new_tokens=max_new_tokens, n=n), batch_size)
     texts = tok.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
     return [[t.strip() for t in texts[j * n:(j + 1) * n]] for j in range(len(prompts))]
 

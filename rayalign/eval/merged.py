@@ -44,13 +44,14 @@ class MergedModel:
 
 
 def sample_flat(model: Any, tok: Any, prompts: list[str], n: int = 2, max_new_tokens: int = 40,
-                temperature: float = 1.0, seed: int = 0, inputs: list[Any] | None = None) -> tuple[list[str], list[str]]:
+                temperature: float = 1.0, seed: int = 0, inputs: list[Any] | None = None, top_p: float = 1.0,
+                top_k: int = 0) -> tuple[list[str], list[str]]:
     """n seeded samples per prompt, flattened prompt-major: (prompt of each sample, its response).
 
     `inputs` replaces what the model is shown (e.g. preference-conditioned messages); the returned
     prompts are always the bare ones, for scorers."""
     responses = generate(model, tok, inputs if inputs is not None else prompts, n=n,
-                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                         max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, top_k=top_k)
     return [p for p in prompts for _ in range(n)], [r for rs in responses for r in rs]
 
 

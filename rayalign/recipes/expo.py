@@ -103,7 +103,7 @@ def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
     for alpha in tqdm(cfg.alphas, desc="expo alpha"):
         model = merged.set([-alpha, 1.0 + alpha])
         flat_p, flat_r = sample_flat(model, merged.tok, prompts, d.samples_per_prompt, d.max_new_tokens,
-                                     d.temperature, cfg.seed)
+                                     d.temperature, cfg.seed, top_p=d.top_p, top_k=d.top_k)
         reward = scorer.score(flat_p, flat_r)["combined"].reshape(len(prompts), -1).mean(1)
         point = {"alpha": alpha, "reward": float(reward.mean()),
                  "reward_se": float(reward.std(ddof=1) / math.sqrt(len(reward))) if len(reward) > 1 else 0.0,

@@ -34,6 +34,7 @@ from rayalign.utils.io import scratch_dir
 class SamplingConfig(Strict):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0: all)")
     max_new_tokens: int = Field(40, ge=1)
     n: int = Field(1, ge=1, description="samples per prompt")
     seed: int = Field(0, ge=-(2**63), le=2**64 - 1, description="64-bit, the range vLLM and torch accept")
@@ -69,7 +70,7 @@ def hf_generate(model: Any, tok: Any, prompts: list[list[int]], s: SamplingConfi
         kw: dict[str, Any] = {"do_sample": s.temperature > 0, "max_new_tokens": s.max_new_tokens,
                               "pad_token_id": tok.pad_token_id, "eos_token_id": eos}
         if s.temperature > 0:
-            kw.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
+            kw.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         if s.logprobs is not None:
             kw.update(output_logits=True, return_dict_in_generate=True)
         res = model.generate(input_ids=input_ids, attention_mask=mask, **kw)
@@ -189,7 +190,8 @@ class VLLMEngine:
 
         s = sampling or self.sampling.model_copy(update={"seed": self.sampling.seed + self._calls})
         self._calls += 1
-        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                max_tokens=s.max_new_tokens,
                                 seed=s.seed if s.temperature > 0 else None, stop=s.stop or None,
                                 logprobs=s.logprobs)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
