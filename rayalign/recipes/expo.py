@@ -108,7 +108,7 @@ def run_expo(cfg: ExpoConfig, resume: bool = False) -> dict[str, Any]:
         point = {"alpha": alpha, "reward": float(reward.mean()),
                  "reward_se": float(reward.std(ddof=1) / math.sqrt(len(reward))) if len(reward) > 1 else 0.0,
                  "mean_words": float(np.mean([len(r.split()) for r in flat_r]))}
-        gold = gold_of(flat_p, flat_r) if scorer.kind != "gold" else None
+        gold = gold_of(flat_p, flat_r) if scorer.kinds != ["gold"] else None
         if gold is not None:  # the world's truth on the same rollouts, for the report (not for the choice)
             gold_pp[alpha] = (gold @ np.asarray(cfg.world.weights)).reshape(len(prompts), -1).mean(1)
             point["gold"] = float(gold_pp[alpha].mean())

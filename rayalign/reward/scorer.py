@@ -33,7 +33,7 @@ class RewardScorer:
                  weights: list[float] | None = None, max_len: int = 2048, batch_size: int = 64,
                  dtype: str = "auto", function: str | list[str] | None = None, http: str | None = None,
                  http_objectives: list[str] | None = None, http_timeout_s: float = 30.0, http_retries: int = 3):
-        kinds = [kind] if isinstance(kind, str) else list(kind)
+        self.kinds = kinds = [kind] if isinstance(kind, str) else list(kind)
         if not kinds or len(set(kinds)) != len(kinds):
             raise ValueError(f"reward.kind {kinds}: give each of {list(REWARD_KINDS)} at most once")
         self.sources: list[RewardSource] = []
