@@ -188,7 +188,9 @@ def test_a_rollout_worker_killed_during_the_collective_sync_is_restarted_and_res
     out = tmp_path / "ppo"
     cfg = _rl_cfg(quick_demo, out, reference={"models": [], "resources": {"num_cpus": 0.1}},
                   sync={"kind": "collective", "timeout_s": 30},
-                  rollout={"workers": 2, "max_new_tokens": 16, "resources": {"num_cpus": 0.25}})
+                  rollout={"workers": 2, "max_new_tokens": 16, "resources": {"num_cpus": 0.25}},
+                  learner={"ranks": 1, "resources": {"num_cpus": 0.5}, "actor": {"micro_batch_size": 8, "lr": 1e-4},
+                           "critic": {"micro_batch_size": 8, "lr": 1e-4}})
     run_rl(cfg, "ppo", on_step=weights_everywhere, on_phase=kill_at_sync)
     assert killed == [1] and checked == [2]
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -206,7 +208,8 @@ def test_a_reward_function_that_does_not_import_is_named_before_training(quick_d
                                                          "function": "no_such_module_xyz:score",
                                                          "weights": [0.6, 0.2, 0.2, 1.0],
                                                          "resources": {"num_cpus": 0.1}},
-                  rollout={"engine": "hf", "max_new_tokens": 16, "resources": {"num_cpus": 0.25}})
+                  rollout={"engine": "hf", "max_new_tokens": 16, "resources": {"num_cpus": 0.25}},
+                  learner={"ranks": 1, "resources": {"num_cpus": 0.5}, "actor": {"micro_batch_size": 8}})
     with pytest.raises(ValueError, match="reward actor 0 could not start: .*reward function 'no_such_module_xyz:score'"
                                          ": cannot import no_such_module_xyz: ModuleNotFoundError"):
         run_rl(cfg, "ppo")
