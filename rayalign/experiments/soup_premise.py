@@ -123,11 +123,12 @@ def plot(results: dict[str, Any], out: Path) -> Path:
                 ax.annotate(f"N={n}", (1.0 + 0.08 * int(n), v[metric]), fontsize=7, xytext=(3, 2),
                             textcoords="offset points")
             ax.axhline(r["mean_seed"][metric], color=c, linestyle=":", linewidth=1)
-        ax.set_xlabel("interpolation weight on seed 1 (stars right of 1: soups of N seeds; dotted: seeds' mean)")
+        ax.set_xlabel("weight w on seed 1:  (1 - w) seed 0 + w seed 1")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Soups of SFT seeds: interpolation paths and N-seed soups (test prompts)")
+    fig.suptitle("Soups of SFT seeds (test prompts): paths between two seeds; stars right of w = 1 are uniform "
+                 "soups of N seeds; dotted lines the seeds' mean", fontsize=10)
     fig.tight_layout()
     path = out / "soup_premise.png"
     fig.savefig(path, dpi=120)
