@@ -383,7 +383,7 @@ def run_rl(cfg: RLConfig, method: str, resume: bool = False,
         roles = run.own(Roles(cfg, run.plan), Roles.close)
         phases = Phases(cfg, roles, tok, prompts, on_phase)
         monitor = KLHackMonitor(cfg.monitor)
-        start = run.resume_learners(roles.learners)
+        start = run.resume_learners(roles.learners, cfg.steps)
         if run.saved is not None:
             phases.load_state_dict(run.saved)
             monitor.load_state_dict(run.saved["monitor"])

@@ -115,7 +115,7 @@ def run_preference(cfg: PrefConfig, method: str, resume: bool = False,
                                          learner_gpus=cfg.learner.resources.num_gpus, seed=cfg.seed, lora=lc.lora),
                             RolloutFleet.close)
         group.ready()
-        start, samples = run.resume_learners(group), None
+        start, samples = run.resume_learners(group, total, "step"), None
         if run.saved is not None and (out / "state" / "kl_samples.json").is_file():
             samples = json.loads((out / "state" / "kl_samples.json").read_text())
         logger = run.logger

@@ -4,7 +4,7 @@
     ... load data and check it: errors come before anything is written ...
     with RaySession(cfg, method, resume, plan=lambda: placement(cfg)) as run:
         learners = run.own(LearnerGroup(run.plan, ...), LearnerGroup.shutdown)
-        start = run.resume_learners(learners)    # 0, or the saved iteration (state loaded)
+        start = run.resume_learners(learners, cfg.steps)   # 0, or the saved iteration (state loaded)
         ...                                      # the loop: run.logger.log(...), save_run_state(...)
         return finish_run(out, learners, summary, text, extra)
 
@@ -78,14 +78,14 @@ class RaySession:
         self._closers.append(lambda: close(thing))
         return thing
 
-    def resume_learners(self, learners: Any) -> int:
-        """With --resume and a saved state: load it into the learners; the iteration to start at. The
-        logger drops records past it (those iterations run again)."""
+    def resume_learners(self, learners: Any, total: int, unit: str = "iteration") -> int:
+        """With --resume and a saved state: load it into the learners; the `unit` (iteration, step) to
+        start at, of `total`. The logger drops records past it (those run again)."""
         start = 0
         if self.saved is not None:
             learners.load_state(str(self.out / "state"), self.saved["tag"])
             start = int(self.saved["iteration"])
-            log.info("%s: resuming at iteration %d", self.method, start)
+            log.info("%s: resuming at %s %d/%d", self.method, unit, start, total)
         if self.resume:
             assert self.logger is not None
             self.logger.truncate(start)
