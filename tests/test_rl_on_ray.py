@@ -209,7 +209,8 @@ def test_a_reward_function_that_does_not_import_is_named_before_training(quick_d
                                                          "weights": [0.6, 0.2, 0.2, 1.0],
                                                          "resources": {"num_cpus": 0.1}},
                   rollout={"engine": "hf", "max_new_tokens": 16, "resources": {"num_cpus": 0.25}},
-                  learner={"ranks": 1, "resources": {"num_cpus": 0.5}, "actor": {"micro_batch_size": 8}})
+                  learner={"ranks": 1, "resources": {"num_cpus": 0.5}, "actor": {"micro_batch_size": 8},
+                           "critic": {"micro_batch_size": 8}})
     with pytest.raises(ValueError, match="reward actor 0 could not start: .*reward function 'no_such_module_xyz:score'"
                                          ": cannot import no_such_module_xyz: ModuleNotFoundError"):
         run_rl(cfg, "ppo")
