@@ -28,9 +28,6 @@ class ObjectStoreSync:
         self.bucket_bytes = bucket_bytes
         self.source = source
 
-    def reset(self) -> None:
-        """Nothing to re-form: every push reaches whichever workers are alive."""
-
     def resync(self, worker_index: int) -> SyncStats:
         """After worker `worker_index` restarted: send it the current weights."""
         return self.push(workers=[self.workers[worker_index]])
