@@ -9,7 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from rayalign.eval.gold import score as gold_score
+from rayalign.eval.merged import sample_flat
+from rayalign.reward.scorer import RewardScorer
 from rayalign.utils.io import atomic_write_json, atomic_write_text
+from rayalign.world.build import split_prompts
 
 
 def mean_se(xs: list[float]) -> list[float]:
@@ -36,3 +40,21 @@ def write_report(out: Path, results: dict[str, Any], text: str) -> None:
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", text)
     print(text)
+
+
+class Judge:
+    """Gold and reward-model scores of a model's samples on the test prompts (same seeds for all)."""
+
+    def __init__(self, rm: Path, samples: int, max_new_tokens: int = 40):
+        self.prompts = split_prompts(0)["test"]
+        self.rm = RewardScorer("model", str(rm))
+        self.samples, self.max_new_tokens = samples, max_new_tokens
+
+    def __call__(self, model: Any, tok: Any, name: str) -> dict[str, float]:
+        flat_p, flat_r = sample_flat(model, tok, self.prompts, self.samples, self.max_new_tokens, seed=1234)
+        n = self.samples
+        responses = [flat_r[i * n:(i + 1) * n] for i in range(len(self.prompts))]
+        g = gold_score(name, self.prompts, responses).summary()
+        rm = self.rm.score(flat_p, flat_r)["combined"].reshape(len(self.prompts), n).mean(1)
+        return {"gold": g["combined"], "gold_se": g["combined_se"], "rm": float(rm.mean()),
+                "rm_se": float(rm.std(ddof=1) / np.sqrt(len(rm))), "words": g["mean_words"]}

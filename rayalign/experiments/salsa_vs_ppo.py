@@ -1,16 +1,31 @@
-"""PPO against SALSA on the embedded default, several seeds (the comparison of arXiv 2411.01798).
+"""SALSA against PPO in the papers' setting (arXiv 2411.01798): a learned reward model, soups of
+independently fine-tuned SFT seeds, a beta grid per method, matched KL by interpolation,
+over-optimisation curves (Gao et al., arXiv 2210.10760) and the KL hack with a PPO control.
 
-    python -m rayalign.experiments.salsa_vs_ppo --demo runs/demo-... --out runs/salsa-vs-ppo
+    python -m rayalign.experiments.soup_premise --demo runs/demo --out runs/soup-premise --modes subset
+    python -m rayalign.experiments.salsa_vs_ppo --sft runs/soup-premise/sft-subset \\
+        --rm runs/soup-premise/rm/model --out runs/salsa-vs-ppo
 
-For every seed: PPO (pi_ref = SFT-0) and SALSA (pi_ref = uniform soup of SFT-0 and SFT-1), both
-started from SFT-0, same beta, same prompts, same reward. Policy snapshots are kept every few
-iterations and evaluated on held-out prompts: gold reward and KL to the run's own reference
-(and to SFT-0, the common yardstick). SALSA is compared with PPO at matched KL: per seed the
-target is the smaller of the two final KLs, each method contributes its snapshot closest to it,
-and the gold win rate of SALSA over PPO is measured on the same held-out prompts. One more SALSA
-run at a high beta reproduces the KL hack (length collapse) for the monitor to catch.
+Every run starts from SFT seed 0 and optimises the reward model's score (`reward.kind=model`); the
+gold functions only judge. PPO's KL reference is SFT-0; SALSA's is the uniform soup of SFT seeds
+0..N-1. Phases:
 
-Writes OUT/report.md, OUT/results.json, OUT/reward_vs_kl.png, OUT/kl_hack_length.png.
+1. beta grid: PPO and SALSA (N = 2) at every beta of `--betas`, every seed;
+2. each method's beta is chosen by the gold reward of its last training batches (the training
+   prompts, never the test prompts), averaged over seeds;
+3. SALSA with N = 3, 4 at SALSA's chosen beta, every seed;
+4. the KL hack: SALSA (N = 2) and PPO at `--hack-beta`, one seed, the collapse monitor on but not
+   stopping the run;
+5. judging: every run's snapshots (every `--snapshot-every` iterations, plus SFT-0 at iteration 0)
+   on the held-out test prompts -- gold, the reward model's score (the proxy) and the sequence KL to
+   SFT-0 (the common starting point, so every curve starts at KL 0).
+
+Matched KL: each run's gold is interpolated linearly along its own (KL to SFT-0, gold) curve at KL
+targets every run of both compared cells reaches, and SALSA minus PPO is paired by seed.
+
+Writes OUT/report.md, OUT/results.json, OUT/over_optimisation.png, OUT/matched_kl.png,
+OUT/training_curves.png and OUT/kl_hack_length.png; judgments are cached in OUT/judged.json, and
+finished runs are skipped, so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -26,199 +41,343 @@ import ray
 from rayalign.config.core import load_config
 from rayalign.config.schema import RLConfig
 from rayalign.distributed.cluster import connect
-from rayalign.eval.gold import GoldResult, evaluate, win_rate
 from rayalign.eval.kl import sequence_kl
-from rayalign.eval.plots import metric_lines, reward_kl_curves
-from rayalign.experiments.common import mean_se
+from rayalign.experiments.common import Judge, mean_se, write_report
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.ppo import run_rl
-from rayalign.reference.worker import ReferenceWorker
-from rayalign.utils.io import atomic_write_json, atomic_write_text
+from rayalign.utils.io import atomic_write_json
 from rayalign.utils.logging import log, setup_logging
-from rayalign.world.build import split_prompts
+
+KL_TARGETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def _metrics(run: Path) -> list[dict[str, float]]:
+def metrics(run: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
-def _ema(x: np.ndarray, alpha: float = 0.3) -> np.ndarray:
-    out = np.empty_like(x)
-    acc = x[0]
-    for i, v in enumerate(x):
-        acc = alpha * v + (1 - alpha) * acc
-        out[i] = acc
-    return out
+def cell(method: str, n: int = 2) -> str:
+    return "ppo" if method == "ppo" else f"salsa{n}"
 
 
-def train_runs(demo: Path, out: Path, seeds: list[int], steps: int, beta: float, hack_beta: float,
-               overrides: list[str], hack_estimator: str = "k1") -> dict[str, Path]:
-    sft0, sft1 = demo / "sft" / "sft-0", demo / "sft" / "sft-1"
-    runs: dict[str, Path] = {}
-    jobs = [(f"{m}-s{s}", m, s, beta) for s in seeds for m in ("ppo", "salsa")]
-    jobs.append(("salsa-hack", "salsa", seeds[0], hack_beta))
-    for name, method, seed, b in jobs:
-        refs = f"reference.models=[{sft0},{sft1}]" if method == "salsa" else "reference.models=[]"
-        hack = (["monitor.stop_on_collapse=false", "snapshot_every=0", f"algo.kl_estimator={hack_estimator}"]
-                if name == "salsa-hack" else [])
-        cfg = load_config(RLConfig, "salsa", [f"policy={sft0}", refs, f"output={out / name}", f"steps={steps}",
-                                              f"seed={seed}", f"algo.beta={b}", "snapshot_every=5", *overrides,
-                                              *hack])
-        log.info("experiment: %s (%s, seed %d, beta %g)", name, method, seed, b)
-        run_rl(cfg, method, resume=True)
-        runs[name] = out / name
-    return runs
+def run_name(cell_: str, beta: float, seed: int) -> str:
+    return f"{cell_}-b{beta:g}-s{seed}"
 
 
-def evaluate_runs(demo: Path, runs: dict[str, Path], n_prompts: int, samples: int,
-                  max_new_tokens: int = 32) -> dict[str, Any]:
-    prompts = split_prompts(0)["test"][:n_prompts]
-    sft0_path = demo / "sft" / "sft-0"
-    sft0, tok = load_causal_lm(sft0_path)
-    soup = ReferenceWorker([str(sft0_path), str(demo / "sft" / "sft-1")]).model
-    evals: dict[str, dict[str, Any]] = {}
-    gold: dict[str, GoldResult] = {}
+class Study:
+    def __init__(self, sft: Path, rm: Path, out: Path, seeds: list[int], steps: int, snapshot_every: int,
+                 overrides: list[str]):
+        self.sft, self.rm, self.out, self.seeds = sft, rm, out, seeds
+        self.steps, self.snapshot_every, self.overrides = steps, snapshot_every, overrides
+        self.runs: dict[str, dict[str, Any]] = {}
 
-    def one(key: str, path: Path, method: str) -> None:
-        model, _ = load_causal_lm(path)
-        g = evaluate(key, model, tok, prompts, n=samples, max_new_tokens=max_new_tokens, seed=1234)
-        own = soup if method == "salsa" else sft0
-        kl_own = sequence_kl(model, own, tok, prompts, n=samples, max_new_tokens=max_new_tokens, seed=99)
-        kl_sft = sequence_kl(model, sft0, tok, prompts, n=samples, max_new_tokens=max_new_tokens,
-                             seed=99) if own is not sft0 else kl_own
-        gold[key] = g
-        s = g.summary()
-        evals[key] = {"combined": s["combined"], "combined_se": s["combined_se"], "mean_words": s["mean_words"],
-                      "kl_ref": kl_own.mean, "kl_ref_se": kl_own.se, "kl_sft0": kl_sft.mean}
+    def seed_path(self, i: int) -> Path:
+        return self.sft / f"sft-{i}"
 
-    one("sft-0", sft0_path, "ppo")
-    for name, run in runs.items():
-        method = name.split("-")[0]
-        for snap in sorted((run / "snapshots").glob("iter*"), key=lambda p: int(p.name[4:])):
-            one(f"{name}@{snap.name[4:]}", snap, method)
-        one(name, run / "policy", method)
-    return {"prompts": len(prompts), "samples": samples, "evals": evals, "gold": gold}
+    def train(self, cell_: str, beta: float, seed: int, name: str | None = None, steps: int | None = None,
+              extra: tuple[str, ...] = ()) -> Path:
+        name = name or run_name(cell_, beta, seed)
+        n = 1 if cell_ == "ppo" else int(cell_[5:])
+        refs = "[]" if n == 1 else "[" + ",".join(str(self.seed_path(i)) for i in range(n)) + "]"
+        cfg = load_config(RLConfig, "ppo", [
+            f"policy={self.seed_path(0)}", f"reference.models={refs}", "reward.kind=model", f"reward.model={self.rm}",
+            f"output={self.out / name}", f"steps={steps or self.steps}", f"seed={seed}", f"algo.beta={beta}",
+            f"snapshot_every={self.snapshot_every}", *self.overrides, *extra])
+        log.info("salsa-vs-ppo: %s (%s, beta %g, seed %d)", name, cell_, beta, seed)
+        run_rl(cfg, "ppo" if n == 1 else "salsa", resume=True)
+        self.runs[name] = {"cell": cell_, "beta": beta, "seed": seed, "path": self.out / name}
+        return self.out / name
+
+    def train_batch_gold(self, cell_: str, beta: float, last: int = 5) -> float:
+        """Mean gold of the last `last` training batches (training prompts), averaged over seeds."""
+        return float(np.mean([np.mean([r["gold/combined"] for r in metrics(self.out / run_name(cell_, beta, s))][-last:])
+                              for s in self.seeds]))
 
 
-def matched_kl(runs: dict[str, Path], ev: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
-    """Per seed: each method's snapshot (or final policy) closest to the smaller final KL."""
-    evals, gold = ev["evals"], ev["gold"]
+class Judged:
+    """Gold, proxy (reward model) and KL to SFT-0 of checkpoints on the test prompts, cached on disk."""
+
+    def __init__(self, sft0: Path, rm: Path, samples: int, max_new_tokens: int, cache: Path):
+        self.judge = Judge(rm, samples, max_new_tokens)
+        self.sft0, self.tok = load_causal_lm(sft0)
+        self.cache = cache
+        self.done: dict[str, dict[str, float]] = json.loads(cache.read_text()) if cache.exists() else {}
+
+    def __call__(self, path: Path) -> dict[str, float]:
+        key = str(path)
+        if key not in self.done:
+            model, _ = load_causal_lm(path)
+            r = self.judge(model, self.tok, path.name)
+            kl = sequence_kl(model, self.sft0, self.tok, self.judge.prompts, n=self.judge.samples,
+                             max_new_tokens=self.judge.max_new_tokens, seed=99)
+            self.done[key] = {**r, "kl_sft0": kl.mean, "kl_sft0_se": kl.se}
+            atomic_write_json(self.cache, self.done)
+        return self.done[key]
+
+
+def curve(run: Path, steps: int, every: int, judged: Judged, sft0: Path) -> list[dict[str, float]]:
+    """(iteration, gold, proxy, KL to SFT-0) from SFT-0 through every snapshot to the final policy."""
+    points = [{"iteration": 0, **judged(sft0)}]
+    for it in range(every, steps, every) if every else ():
+        points.append({"iteration": it, **judged(run / "snapshots" / f"iter{it}")})
+    points.append({"iteration": steps, **judged(run / "policy")})
+    return points
+
+
+def gold_at(points: list[dict[str, float]], kl: float) -> float | None:
+    """Gold interpolated at KL `kl` along the run's curve in iteration order: the first segment that
+    crosses `kl` (None when the run never reaches it)."""
+    for a, b in zip(points, points[1:]):
+        lo, hi = sorted((a["kl_sft0"], b["kl_sft0"]))
+        if lo <= kl <= hi:
+            t = 0.0 if hi == lo else (kl - a["kl_sft0"]) / (b["kl_sft0"] - a["kl_sft0"])
+            return float(a["gold"] + t * (b["gold"] - a["gold"]))
+    return None
+
+
+def matched(curves: dict[str, list[dict[str, float]]], a: list[str], b: list[str]) -> list[dict[str, Any]]:
+    """Gold of cell a minus cell b at every KL target that all their runs reach, paired by position (seed)."""
     rows = []
-    for s in seeds:
-        cands = {m: [k for k in evals if k.split("@")[0] == f"{m}-s{s}"] for m in ("ppo", "salsa")}
-        target = min(evals[f"ppo-s{s}"]["kl_ref"], evals[f"salsa-s{s}"]["kl_ref"])
-        pick = {m: min(ks, key=lambda k: abs(evals[k]["kl_ref"] - target)) for m, ks in cands.items()}
-        rows.append({"seed": s, "target_kl": target, "ppo": pick["ppo"], "salsa": pick["salsa"],
-                     "kl_ppo": evals[pick["ppo"]]["kl_ref"], "kl_salsa": evals[pick["salsa"]]["kl_ref"],
-                     "gold_ppo": evals[pick["ppo"]]["combined"], "gold_salsa": evals[pick["salsa"]]["combined"],
-                     "salsa_win_rate": win_rate(gold[pick["salsa"]], gold[pick["ppo"]])})
+    for kl in KL_TARGETS:
+        ga = [gold_at(curves[k], kl) for k in a]
+        gb = [gold_at(curves[k], kl) for k in b]
+        if None in ga or None in gb:
+            continue
+        rows.append({"kl": kl, "a": mean_se(ga), "b": mean_se(gb), "diff": mean_se([x - y for x, y in zip(ga, gb)])})
     return rows
 
 
-def run(demo: Path, out: Path, seeds: list[int], steps: int, beta: float, hack_beta: float, n_prompts: int,
-        samples: int, overrides: list[str], hack_estimator: str = "k1") -> dict[str, Any]:
+def run(sft: Path, rm: Path, out: Path, seeds: list[int], betas: list[float], soups: list[int], steps: int,
+        every: int, hack_beta: float, hack_estimator: str, hack_steps: int, samples: int, max_new_tokens: int,
+        overrides: list[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
+    study = Study(sft, rm, out, seeds, steps, every, [f"rollout.max_new_tokens={max_new_tokens}", *overrides])
     started = connect()
     try:
-        runs = train_runs(demo, out, seeds, steps, beta, hack_beta, overrides, hack_estimator)
+        for beta in betas:  # 1. the grid
+            for seed in seeds:
+                for c in ("ppo", "salsa2"):
+                    study.train(c, beta, seed)
+        chosen = {c: max(betas, key=lambda b: study.train_batch_gold(c, b)) for c in ("ppo", "salsa2")}  # 2.
+        log.info("salsa-vs-ppo: chosen beta %s", chosen)
+        for n in soups:  # 3. bigger soups at SALSA's beta
+            if n != 2:
+                for seed in seeds:
+                    study.train(f"salsa{n}", chosen["salsa2"], seed)
+        hack = ("monitor.stop_on_collapse=false", f"algo.kl_estimator={hack_estimator}")
+        for c in ("salsa2", "ppo"):  # 4. the KL hack and its control
+            study.train(c, hack_beta, seeds[0], name=f"hack-{c}", steps=hack_steps, extra=hack)
     finally:
         if started:
             ray.shutdown()
-    ev = evaluate_runs(demo, {k: v for k, v in runs.items() if k != "salsa-hack"}, n_prompts, samples)
-    evals = ev["evals"]
-    matched = matched_kl(runs, ev, seeds)
-    final = {m: [evals[f"{m}-s{s}"] for s in seeds] for m in ("ppo", "salsa")}
 
-    hack_rows = _metrics(runs["salsa-hack"])
-    alarm_steps = [int(r["step"]) for r in hack_rows if r["monitor/collapse"]]
+    judged = Judged(study.seed_path(0), rm, samples, max_new_tokens, out / "judged.json")  # 5.
+    curves = {name: curve(r["path"], steps, every, judged, study.seed_path(0))
+              for name, r in study.runs.items() if not name.startswith("hack-")}
+    cells = sorted({(r["cell"], r["beta"]) for n, r in study.runs.items() if not n.startswith("hack-")},
+                   key=lambda t: (t[0] != "ppo", t[0], t[1]))
+    summary = {}
+    for c, beta in cells:
+        names = [run_name(c, beta, s) for s in seeds]
+        last = [curves[k][-1] for k in names]
+        peak = [max(curves[k], key=lambda p: p["gold"]) for k in names]
+        summary[f"{c}@{beta:g}"] = {
+            "cell": c, "beta": beta, "train_batch_gold": study.train_batch_gold(c, beta),
+            "gold": mean_se([p["gold"] for p in last]), "proxy": mean_se([p["rm"] for p in last]),
+            "kl_sft0": mean_se([p["kl_sft0"] for p in last]), "words": mean_se([p["words"] for p in last]),
+            "peak_gold": mean_se([p["gold"] for p in peak]), "peak_iteration": [p["iteration"] for p in peak],
+            "proxy_gain_after_gold_peak": mean_se([lp["rm"] - pp["rm"] for lp, pp in zip(last, peak)]),
+            "gold_drop_after_peak": mean_se([pp["gold"] - lp["gold"] for lp, pp in zip(last, peak)]),
+        }
+    ppo_names = [run_name("ppo", chosen["ppo"], s) for s in seeds]
+    comparisons = {}
+    for n in soups:
+        names = [run_name(f"salsa{n}", chosen["salsa2"], s) for s in seeds]
+        comparisons[f"salsa{n}@{chosen['salsa2']:g} - ppo@{chosen['ppo']:g}"] = matched(curves, names, ppo_names)
+    for beta in betas:  # the same beta, for the record
+        comparisons[f"salsa2@{beta:g} - ppo@{beta:g}"] = matched(
+            curves, [run_name("salsa2", beta, s) for s in seeds], [run_name("ppo", beta, s) for s in seeds])
+    hack_runs = {c: metrics(out / f"hack-{c}") for c in ("salsa2", "ppo")}
     results: dict[str, Any] = {
-        "seeds": seeds, "steps": steps, "beta": beta, "prompts": ev["prompts"], "samples": ev["samples"],
-        "sft0": evals["sft-0"],
-        "final": {m: {"gold": mean_se([e["combined"] for e in final[m]]), "kl_ref": mean_se([e["kl_ref"] for e in final[m]]),
-                      "kl_sft0": mean_se([e["kl_sft0"] for e in final[m]]),
-                      "mean_words": mean_se([e["mean_words"] for e in final[m]])} for m in final},
-        "win_rate_final_salsa_over_ppo": mean_se([win_rate(ev["gold"][f"salsa-s{s}"], ev["gold"][f"ppo-s{s}"])
-                                              for s in seeds]),
-        "win_rate_over_sft0": {m: mean_se([win_rate(ev["gold"][f"{m}-s{s}"], ev["gold"]["sft-0"]) for s in seeds])
-                               for m in ("ppo", "salsa")},
-        "matched_kl": matched, "win_rate_matched_kl": mean_se([r["salsa_win_rate"] for r in matched]),
-        "kl_hack": {"beta": hack_beta, "estimator": hack_estimator, "first_length": hack_rows[0]["response/length"],
-                    "last_length": hack_rows[-1]["response/length"], "min_length": min(r["response/length"]
-                                                                                        for r in hack_rows),
-                    "alarm_steps": alarm_steps, "first_alarm": alarm_steps[0] if alarm_steps else None,
-                    "last_kl": hack_rows[-1]["kl/sequence"], "last_gold": hack_rows[-1].get("gold/combined")},
-        "evals": evals,
+        "sft": str(sft), "reward_model": str(rm), "seeds": seeds, "betas": betas, "soups": soups, "steps": steps,
+        "snapshot_every": every, "overrides": overrides, "test_prompts": len(judged.judge.prompts), "samples": samples,
+        "max_new_tokens": max_new_tokens, "sft0": curves[ppo_names[0]][0], "chosen_beta": chosen, "cells": summary,
+        "matched_kl": comparisons,
+        "kl_hack": {c: {"beta": hack_beta, "estimator": hack_estimator, "steps": hack_steps,
+                        "length": [r["response/length"] for r in rows], "kl": [r["kl/sequence"] for r in rows],
+                        "gold": [r["gold/combined"] for r in rows],
+                        "alarms": [int(r["step"]) for r in rows if r.get("monitor/collapse")]}
+                    for c, rows in hack_runs.items()},
+        "curves": curves,
     }
-    curves = {m: [(_ema(np.array([r["kl/sequence"] for r in _metrics(runs[f"{m}-s{s}"])])),
-                   _ema(np.array([r["gold/combined"] for r in _metrics(runs[f"{m}-s{s}"])]))) for s in seeds]
-              for m in ("ppo", "salsa")}
-    points = {m: [(e["kl_ref"], e["combined"]) for k, e in evals.items() if k.startswith(f"{m}-s")]
-              for m in ("ppo", "salsa")}
-    reward_kl_curves(curves, out / "reward_vs_kl.png", points,
-                     title=f"PPO vs SALSA, {len(seeds)} seeds, beta={beta:g} (EMA of training batches)")
-    metric_lines({f"SALSA beta={hack_beta:g}": [np.array([r["response/length"] for r in hack_rows])],
-                  f"SALSA beta={beta:g}": [np.array([r["response/length"] for r in _metrics(runs[f"salsa-s{s}"])])
-                                              for s in seeds]},
-                 out / "kl_hack_length.png", "mean response length (tokens)",
-                 "KL hack: response length (x = monitor alarm)", marks={f"SALSA beta={hack_beta:g}": alarm_steps})
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", render(results))
+    plots(results, study, out)
+    write_report(out, results, render(results))
     return results
 
 
+def plots(r: dict[str, Any], study: Study, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds, curves = r["seeds"], r["curves"]
+
+    def mean_curve(c: str, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pts = [curves[run_name(c, beta, s)] for s in seeds]
+        return tuple(np.mean([[p[k] for p in ps] for ps in pts], axis=0) for k in ("kl_sft0", "rm", "gold"))
+
+    # over-optimisation: proxy and gold against KL to SFT-0, one line per beta (mean over seeds)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="row")
+    for row, c in enumerate(("ppo", "salsa2")):
+        for beta in r["betas"]:
+            kl, proxy, gold = mean_curve(c, beta)
+            axes[row][0].plot(np.sqrt(kl), proxy, marker="o", markersize=3, label=f"beta {beta:g}")
+            axes[row][1].plot(np.sqrt(kl), gold, marker="o", markersize=3, label=f"beta {beta:g}")
+        name = "PPO (ref SFT-0)" if c == "ppo" else "SALSA (ref soup of 2 seeds)"
+        axes[row][0].set_title(f"{name}: proxy (reward model)", fontsize=9)
+        axes[row][1].set_title(f"{name}: gold", fontsize=9)
+        for ax in axes[row]:
+            ax.set_xlabel("sqrt(KL to SFT-0), test prompts")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Over-optimisation (arXiv 2210.10760): snapshots every {r['snapshot_every']} iterations, "
+                 f"mean of {len(seeds)} seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "over_optimisation.png", dpi=110)
+    plt.close(fig)
+
+    # matched KL: the chosen cells' gold against KL, each seed's curve thin, targets marked
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    chosen = r["chosen_beta"]
+    shown = [("ppo", chosen["ppo"])] + [(f"salsa{n}", chosen["salsa2"]) for n in r["soups"]]
+    for i, (c, beta) in enumerate(shown):
+        for j, s in enumerate(seeds):
+            pts = curves[run_name(c, beta, s)]
+            ax.plot([p["kl_sft0"] for p in pts], [p["gold"] for p in pts], color=colours[i], alpha=0.7,
+                    marker="o", markersize=2.5, linewidth=1, label=f"{c} beta {beta:g}" if j == 0 else None)
+    ax.set_xlabel("KL to SFT-0 (test prompts)")
+    ax.set_ylabel("gold reward (combined)")
+    ax.set_title("Gold against KL at each method's chosen beta (one line per seed)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "matched_kl.png", dpi=110)
+    plt.close(fig)
+
+    # training batches: proxy and gold against KL to the run's own reference, per iteration
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (c, beta) in enumerate(shown):
+        rows = [metrics(study.out / run_name(c, beta, s)) for s in seeds]
+        kl = np.mean([[x["kl/sequence"] for x in rs] for rs in rows], axis=0)
+        for ax, key in zip(axes, ("reward/score", "gold/combined")):
+            ax.plot(kl, np.mean([[x[key] for x in rs] for rs in rows], axis=0), color=colours[i],
+                    label=f"{c} beta {beta:g}")
+    for ax, label in zip(axes, ("proxy (reward model, before normalisation)", "gold")):
+        ax.set_xlabel("KL to own reference (training batch, per iteration)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, (c, h) in enumerate(r["kl_hack"].items()):
+        ax.plot(range(1, len(h["length"]) + 1), h["length"], color=colours[i],
+                label=f"{'SALSA (soup ref)' if c != 'ppo' else 'PPO (SFT-0 ref)'} beta {h['beta']:g}, {h['estimator']}")
+        ax.scatter(h["alarms"], [h["length"][a - 1] for a in h["alarms"]], color="red", marker="x", zorder=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean response length (tokens)")
+    ax.set_title("KL hack and its control (x = collapse alarm)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "kl_hack_length.png", dpi=110)
+    plt.close(fig)
+
+
 def render(r: dict[str, Any]) -> str:
-    f = r["final"]
+    def f(x: list[float], p: int = 3) -> str:
+        return f"{x[0]:.{p}f} ± {x[1]:.{p}f}"
+
+    s0 = r["sft0"]
     lines = [
-        "# PPO vs SALSA on the embedded default", "",
-        f"Seeds {r['seeds']}, {r['steps']} iterations, beta = {r['beta']}, both from SFT-0; PPO's reference is "
-        "SFT-0, SALSA's the uniform soup of SFT-0 and SFT-1. Held-out: "
-        f"{r['prompts']} test prompts x {r['samples']} samples; mean ± standard error over seeds.", "",
-        "![reward vs KL](reward_vs_kl.png)", "",
-        "| model | gold (combined) | KL to own reference | KL to SFT-0 | words |", "|---|---|---|---|---|",
-        f"| SFT-0 | {r['sft0']['combined']:.3f} | 0 | 0 | {r['sft0']['mean_words']:.1f} |",
-    ]
-    for m in ("ppo", "salsa"):
-        lines.append(f"| {m.upper()} | {f[m]['gold'][0]:.3f} ± {f[m]['gold'][1]:.3f} | {f[m]['kl_ref'][0]:.2f} ± "
-                     f"{f[m]['kl_ref'][1]:.2f} | {f[m]['kl_sft0'][0]:.2f} | {f[m]['mean_words'][0]:.1f} |")
-    w = r["win_rate_over_sft0"]
-    lines += ["", f"- gold win rate over SFT-0: PPO {w['ppo'][0]:.1%} ± {w['ppo'][1]:.1%}, "
-                  f"SALSA {w['salsa'][0]:.1%} ± {w['salsa'][1]:.1%}",
-              f"- SALSA over PPO, final policies: {r['win_rate_final_salsa_over_ppo'][0]:.1%} ± "
-              f"{r['win_rate_final_salsa_over_ppo'][1]:.1%}",
-              f"- SALSA over PPO at matched KL: {r['win_rate_matched_kl'][0]:.1%} ± {r['win_rate_matched_kl'][1]:.1%}",
-              "", "| seed | target KL | PPO snapshot (KL, gold) | SALSA snapshot (KL, gold) | SALSA win rate |",
+        "# SALSA against PPO with a learned reward and independent SFT seeds", "",
+        f"SFT seeds from `{r['sft']}`, reward model `{r['reward_model']}` (the proxy every run optimises); gold only "
+        f"judges. Seeds {r['seeds']}, {r['steps']} iterations, snapshots every {r['snapshot_every']}; overrides "
+        f"{r['overrides']}. Judged on {r['test_prompts']} test prompts x {r['samples']} samples, <= "
+        f"{r['max_new_tokens']} new tokens; mean ± standard error over seeds. SFT-0: gold {s0['gold']:.3f}, proxy "
+        f"{s0['rm']:.3f}.", "",
+        f"Chosen beta (gold of the last 5 training batches, training prompts): PPO {r['chosen_beta']['ppo']:g}, "
+        f"SALSA {r['chosen_beta']['salsa2']:g}.", "",
+        "## Final policies and over-optimisation", "",
+        "![over-optimisation](over_optimisation.png)", "",
+        "| cell | beta | train-batch gold | test gold | proxy | KL to SFT-0 | words | peak gold (iterations) | "
+        "gold lost after peak | proxy gained after gold peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in r["cells"].values():
+        lines.append(f"| {c['cell']} | {c['beta']:g} | {c['train_batch_gold']:.3f} | {f(c['gold'])} | {f(c['proxy'])} | "
+                     f"{f(c['kl_sft0'], 2)} | {c['words'][0]:.1f} | {f(c['peak_gold'])} ({c['peak_iteration']}) | "
+                     f"{f(c['gold_drop_after_peak'])} | {f(c['proxy_gain_after_gold_peak'])} |")
+    lines += ["", "## Matched KL (gold interpolated along each run's curve; difference paired by seed)", "",
+              "![matched KL](matched_kl.png)", "", "| comparison | KL to SFT-0 | gold A | gold B | A - B |",
               "|---|---|---|---|---|"]
-    for m in r["matched_kl"]:
-        lines.append(f"| {m['seed']} | {m['target_kl']:.2f} | {m['ppo']} ({m['kl_ppo']:.2f}, {m['gold_ppo']:.3f}) | "
-                     f"{m['salsa']} ({m['kl_salsa']:.2f}, {m['gold_salsa']:.3f}) | {m['salsa_win_rate']:.1%} |")
-    h = r["kl_hack"]
-    lines += ["", "## KL hack", "", "![length](kl_hack_length.png)", "",
-              f"SALSA at beta = {h['beta']} ({h['estimator']} estimator): mean response length {h['first_length']:.1f} -> {h['last_length']:.1f} "
-              f"tokens (minimum {h['min_length']:.1f}); the monitor first raised its alarm at iteration "
-              f"{h['first_alarm']} ({len(h['alarm_steps'])} alarmed iterations)."]
+    for name, rows in r["matched_kl"].items():
+        if not rows:
+            lines.append(f"| {name} | no KL reached by every run of both | | | |")
+        for row in rows:
+            lines.append(f"| {name} | {row['kl']:g} | {f(row['a'])} | {f(row['b'])} | {f(row['diff'])} |")
+    lines += ["", "## Training batches", "", "![training curves](training_curves.png)", "",
+              "## KL hack with a PPO control", "", "![KL hack](kl_hack_length.png)", "",
+              "| reference | beta | estimator | length first -> last (min) | KL last | gold first -> last | alarms |",
+              "|---|---|---|---|---|---|---|"]
+    for c, h in r["kl_hack"].items():
+        lines.append(f"| {'soup of 2 seeds' if c != 'ppo' else 'SFT-0'} | {h['beta']:g} | {h['estimator']} | "
+                     f"{h['length'][0]:.1f} -> {h['length'][-1]:.1f} ({min(h['length']):.1f}) | {h['kl'][-1]:.2f} | "
+                     f"{h['gold'][0]:.3f} -> {h['gold'][-1]:.3f} | {len(h['alarms'])} (first {h['alarms'][:1]}) |")
     return "\n".join(lines) + "\n"
+
+
+def floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", type=Path, required=True, help="a demo run directory (with sft/sft-0, sft/sft-1)")
+    p.add_argument("--sft", type=Path, required=True, help="a `rayalign sft` output with sft-0 .. sft-(max N - 1)")
+    p.add_argument("--rm", type=Path, required=True, help="the reward model every run optimises")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    p.add_argument("--betas", type=floats, default=[0.003, 0.01, 0.03, 0.1], help="the grid for both methods")
+    p.add_argument("--soups", type=ints, default=[2, 3, 4], help="SALSA soup sizes N (2 is on the grid)")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--beta", type=float, default=0.05)
+    p.add_argument("--snapshot-every", type=int, default=5)
     p.add_argument("--hack-beta", type=float, default=10.0)
     p.add_argument("--hack-estimator", choices=["k1", "k2", "k3"], default="k3")
-    p.add_argument("--prompts", type=int, default=64, help="held-out test prompts")
-    p.add_argument("--samples", type=int, default=4, help="samples per held-out prompt")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. rollout.n=4")
+    p.add_argument("--hack-steps", type=int, default=20)
+    p.add_argument("--samples", type=int, default=4, help="samples per test prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("overrides", nargs="*", default=["prompts_per_step=16", "rollout.n=4"],
+                   help="dotted overrides for every run (default: prompts_per_step=16 rollout.n=4)")
     a = p.parse_args()
-    for sub in ("sft-0", "sft-1"):
-        if not (a.demo / "sft" / sub).is_dir():
-            p.error(f"--demo {a.demo}: no sft/{sub} inside (run `rayalign demo` first)")
+    if 2 not in a.soups:
+        p.error("--soups must include 2 (the beta grid runs SALSA with a soup of 2)")
+    for i in range(max(a.soups)):
+        if not (a.sft / f"sft-{i}").is_dir():
+            p.error(f"--sft {a.sft}: no sft-{i} inside (a soup of {max(a.soups)} needs seeds 0..{max(a.soups) - 1}; "
+                    "train them with `rayalign sft seeds=[...] seed_data=subset`)")
+    if not a.rm.is_dir():
+        p.error(f"--rm {a.rm}: not a directory (train one with `rayalign rm`)")
+    if a.steps % a.snapshot_every if a.snapshot_every else False:
+        p.error(f"--steps {a.steps} is not a multiple of --snapshot-every {a.snapshot_every}")
     setup_logging()
-    r = run(a.demo, a.out, a.seeds, a.steps, a.beta, a.hack_beta, a.prompts, a.samples, a.overrides, a.hack_estimator)
-    print(render(r))
+    run(a.sft, a.rm, a.out, a.seeds, a.betas, a.soups, a.steps, a.snapshot_every, a.hack_beta, a.hack_estimator,
+        a.hack_steps, a.samples, a.max_new_tokens, a.overrides)
 
 
 if __name__ == "__main__":

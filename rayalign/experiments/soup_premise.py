@@ -26,15 +26,12 @@ import numpy as np
 import torch
 
 from rayalign.config.schema import DataConfig, LearnerConfig, RMConfig, SFTConfig, WorldConfig
-from rayalign.eval.gold import score as gold_score
-from rayalign.eval.merged import MergedModel, sample_flat
-from rayalign.experiments.common import demo_parser, write_report
+from rayalign.eval.merged import MergedModel
+from rayalign.experiments.common import Judge, demo_parser, write_report
 from rayalign.merge.io import read_state_dict
 from rayalign.recipes.demo import _settings
 from rayalign.recipes.supervised import run_rm, run_sft
-from rayalign.reward.scorer import RewardScorer
 from rayalign.utils.logging import log, setup_logging
-from rayalign.world.build import split_prompts
 
 MODES = ("shared", "subset", "resample")
 PATH_POINTS = np.linspace(0.0, 1.0, 11)
@@ -60,24 +57,6 @@ def reward_model(demo: Path, out: Path, sft0: Path) -> Path:
     return run_rm(RMConfig(base=str(sft0), output=str(out / "rm"), world=world, epochs=s["rm_epochs"],
                            data=DataConfig(max_seq_len=96), learner=LearnerConfig(lr=5e-4, micro_batch_size=32)),
                   resume=True)
-
-
-class Judge:
-    """Gold and reward-model scores of a model's samples on the test prompts (same seeds for all)."""
-
-    def __init__(self, rm: Path, samples: int, max_new_tokens: int = 40):
-        self.prompts = split_prompts(0)["test"]
-        self.rm = RewardScorer("model", str(rm))
-        self.samples, self.max_new_tokens = samples, max_new_tokens
-
-    def __call__(self, model: Any, tok: Any, name: str) -> dict[str, float]:
-        flat_p, flat_r = sample_flat(model, tok, self.prompts, self.samples, self.max_new_tokens, seed=1234)
-        n = self.samples
-        responses = [flat_r[i * n:(i + 1) * n] for i in range(len(self.prompts))]
-        g = gold_score(name, self.prompts, responses).summary()
-        rm = self.rm.score(flat_p, flat_r)["combined"].reshape(len(self.prompts), n).mean(1)
-        return {"gold": g["combined"], "gold_se": g["combined_se"], "rm": float(rm.mean()),
-                "rm_se": float(rm.std(ddof=1) / np.sqrt(len(rm))), "words": g["mean_words"]}
 
 
 def weight_distance(a: Path, b: Path) -> float:
