@@ -9,7 +9,7 @@ from rayalign.config.schema import RLConfig, SoupsConfig
 from rayalign.eval.pareto import controllability, hypervolume, non_dominated, preference_grid
 from rayalign.merge.coefficients import bone_matrix
 from rayalign.recipes.soups import training_runs, win_rate_at
-from rayalign.reward.conditioning import PreferenceConditioning, preference_message
+from rayalign.reward.conditioning import INSTRUCTIONS, PreferenceConditioning, binary_grid, preference_message
 from rayalign.reward.scorer import RewardScorer
 
 
@@ -83,6 +83,20 @@ def test_preference_conditioning():
     assert msgs[0] == {"role": "system", "content": "preference: informative 0.30, concise 0.70"}
     assert msgs[1]["content"] == "what colour is the apple ?"
     assert preference_message(["a", "b"], [1, 0]) == "preference: a 1.00, b 0.00"
+    # the paper's style: one instruction per objective asked for, mu uniform over a non-empty subset
+    paper = PreferenceConditioning(["informative", "concise", "friendly"], ["informative", "concise"], 11,
+                                   "instructions")
+    assert paper.grid.tolist() == [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]
+    assert set(map(tuple, paper.sample(np.random.default_rng(0), 40).tolist())) == {(0.5, 0.5), (1.0, 0.0), (0.0, 1.0)}
+    assert paper.messages("q ?", [1.0, 0.0])[0]["content"] == INSTRUCTIONS["informative"]
+    assert paper.messages("q ?", [0.5, 0.5])[0]["content"] == f"{INSTRUCTIONS['informative']} {INSTRUCTIONS['concise']}"
+    # a preference off the training set is asked for with the nearest one (L1): 0.8/0.2 -> informative alone
+    assert paper.nearest([0.8, 0.2]).tolist() == [1.0, 0.0] and paper.nearest([0.6, 0.4]).tolist() == [0.5, 0.5]
+    assert paper.messages("q ?", [0.2, 0.8])[0]["content"] == INSTRUCTIONS["concise"]
+    assert cond.nearest([0.3, 0.7]).tolist() == [0.3, 0.7]  # the weights style asks for mu itself
+    assert binary_grid(3).shape == (7, 3) and np.allclose(binary_grid(3).sum(1), 1)
+    with pytest.raises(ValueError, match="style 'poetry'"):
+        PreferenceConditioning(["informative", "concise"], None, 11, "poetry")
     with pytest.raises(ValueError, match=r"\['kind'\] are not objectives of the reward scorer"):
         PreferenceConditioning(["informative", "concise"], ["informative", "kind"], 11)
     with pytest.raises(ValueError, match="at least 2 objectives"):
@@ -102,6 +116,13 @@ def test_soups_plan_their_ppo_runs_from_the_math():
         assert len(rl.reward.weights) == 3
     morl = load_config(RLConfig, "ppo", ["policy=sft", "output=o", *runs["morl"]])
     assert morl.reward.conditioning == "prompt" and morl.reward.conditioned_objectives == ["informative", "concise"]
+    # the paper's prompts, and the PPO budget of a two-expert soup (2 x the experts' steps)
+    assert morl.reward.condition_style == "instructions" and morl.steps == 2 * load_config(RLConfig, "ppo", [
+        "policy=sft", "output=o"]).steps
+    short = training_runs(SoupsConfig(policy="sft", output="o", rl=["steps=7"], morl_budget="single",
+                                      morl_prompts="weights"))
+    assert "steps=7" not in short["morl"] and "reward.condition_style=weights" in short["morl"]
+    assert "steps=14" in training_runs(SoupsConfig(policy="sft", output="o", rl=["steps=7"]))["morl"]
     three = training_runs(SoupsConfig(policy="sft", output="o", objectives=["informative", "concise", "friendly"],
                                       methods=["bone"], bone_beta=0.6))
     assert three["backbone-2"] == ["reward.weights=[0.2, 0.2, 0.6]"]
@@ -114,6 +135,10 @@ def test_soups_config_errors_name_the_key():
         load_config(SoupsConfig, None, ["policy=a", "output=b", "bone_beta=0.4"])
     with pytest.raises(ConfigError, match="bone_k"):
         load_config(SoupsConfig, None, ["policy=a", "output=b", "bone_k=[0.5]"])
+    with pytest.raises(ConfigError, match="rewarded_k"):
+        load_config(SoupsConfig, None, ["policy=a", "output=b", "rewarded_k=[1.0,0.9]"])
+    with pytest.raises(ConfigError, match="morl_prompts"):
+        load_config(SoupsConfig, None, ["policy=a", "output=b", "morl_prompts=decimals"])
     with pytest.raises(ConfigError, match="reference_point"):
         load_config(SoupsConfig, None, ["policy=a", "output=b", "reference_point=[0,0,0]"])
     with pytest.raises(ConfigError, match="methods"):
@@ -146,13 +171,22 @@ def test_fronts_over_a_three_objective_simplex(quick_demo, tmp_path):
         assert v["hypervolume"] == pytest.approx(hypervolume(front, [-0.1] * 3)), m
         assert set(v["controllability"]["per_objective"]) == set(objs)
     assert r["chosen"]["bone_k"] in (1.0, 1.5) and set(r["chosen"]["bone_dev_hypervolume"]) == {"1.0", "1.5"}
-    # at a vertex of the simplex the Rewarded Soup is that expert itself: same weights, same samples
+    # Rewarded Soups get the same extrapolation candidates; both soups are also reported at k = 1
+    assert r["chosen"]["rewarded_k"] in (1.0, 1.5) and set(r["chosen"]["rewarded_dev_hypervolume"]) == {"1.0", "1.5"}
+    assert set(r["at_k1"]) == {"rewarded", "bone"} and "bone vs rewarded, both at k = 1" in r["pairwise"]
     saved = np.load(tmp_path / "scores.npz")
+    for m in ("rewarded", "bone"):
+        if r["chosen"][f"{m}_k"] == 1.0:
+            np.testing.assert_array_equal(saved[m], saved[f"{m}_k1"])
+    assert len(r["objective_std_sft"]) == 3
+    # at a vertex of the simplex the Rewarded Soup (k = 1) is that expert itself: same weights, same samples
     vertex = [i for i, mu in enumerate(r["grid"]) if mu == [0.0, 0.0, 1.0]][0]
     model, tok = load_causal_lm(models[2])
     alone = rollout_scores(model, tok, FrontEvaluator(cfg, "test").prompts, RewardScorer("gold"), n=2,
                            max_new_tokens=8, seed=cfg.seed)
-    np.testing.assert_allclose(saved["rewarded"][vertex], alone, atol=1e-9)
+    np.testing.assert_allclose(saved["rewarded_k1"][vertex], alone, atol=1e-9)
+    # and the personalized front, sharing those experts without a reward model, is that same front
+    np.testing.assert_array_equal(saved["personalized"], saved["rewarded_k1"])
     assert (tmp_path / "fronts.png").stat().st_size > 0 and (tmp_path / "controllability.png").is_file()
 
 

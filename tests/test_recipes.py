@@ -57,11 +57,13 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     for m, v in soups["methods"].items():
         assert np.asarray(v["front"]).shape == (3, 2) and v["hypervolume"] >= 0, m
         assert set(v["controllability"]["per_objective"]) == {"informative", "concise"}
-    assert soups["chosen"]["bone_k"] in (1.0, 1.2) and soups["shared_experts"]
+    assert soups["chosen"]["bone_k"] in (1.0, 1.2) and soups["chosen"]["rewarded_k"] in (1.0, 1.2)
+    assert soups["shared_experts"] and set(soups["at_k1"]) == {"rewarded", "bone"}
     for run in ("expert-informative", "expert-concise", "backbone-0", "backbone-1", "morl"):
         assert (quick_demo / "soups" / "runs" / run / "policy" / "model.safetensors").is_file(), run
     morl_config = (quick_demo / "soups" / "runs" / "morl" / "config.yaml").read_text()
-    assert "conditioning: prompt" in morl_config
+    assert "conditioning: prompt" in morl_config and "condition_style: instructions" in morl_config
+    assert "\nsteps: 4\n" in morl_config  # the PPO steps of both experts (2 each)
     assert "## Soups over preferences: informative vs concise" in report and "| Bone Soups |" in report
     assert (quick_demo / "soups" / "fronts.png").read_bytes()[:4] == b"\x89PNG"
     # a `rayalign serve` config over the demo's soups
@@ -71,6 +73,7 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     serve_cfg = load_config(ServeConfig, quick_demo / "serve.yaml")
     assert [f.name for f in serve_cfg.families] == ["demo-soup", "demo-bone"]
     assert serve_cfg.families[1].k == soups["chosen"]["bone_k"]
+    assert serve_cfg.families[0].k == soups["chosen"]["rewarded_k"]
     # resolved configs are saved; no temporary or resume state is left behind
     assert (quick_demo / "sft" / "config.yaml").is_file() and (quick_demo / "rm" / "config.yaml").is_file()
     leftovers = [p for p in quick_demo.rglob("*") if ".tmp-" in p.name or p.name == "state"]

@@ -331,7 +331,11 @@ class RewardConfig(Strict):
         "written into the prompt, and is scored mu . r (reward.weights is then unused)")
     conditioned_objectives: list[str] | None = Field(
         None, description="conditioning 'prompt': the objectives mu spans (default: all of the scorer's)")
-    condition_grid: int = Field(11, ge=2, description="conditioning 'prompt': grid points per objective")
+    condition_grid: int = Field(11, ge=2, description="conditioning 'prompt', style weights: grid points per objective")
+    condition_style: Literal["weights", "instructions"] = Field(
+        "weights", description="conditioning 'prompt': 'weights' writes mu as decimals, drawn from the grid; "
+        "'instructions' (Personalized Soups, arXiv 2310.11564) gives one instruction per objective asked for, "
+        "mu uniform over every non-empty subset of the objectives")
     workers: int = Field(1, ge=1)
     resources: Resources = Resources(num_cpus=0.25)
     max_restarts: int = Field(3, ge=0)
@@ -367,7 +371,8 @@ class RewardConfig(Strict):
                 parts.append(f"the reward service {self.http}")
         text = " + ".join(parts)
         if self.conditioning == "prompt":
-            return f"{text}, combined by a preference vector told in the prompt (Prompted-MORL)"
+            told = "as instructions" if self.condition_style == "instructions" else "as weights"
+            return f"{text}, combined by a preference vector told in the prompt {told} (Prompted-MORL)"
         return f"{text}, weighted {self.weights}" if len(self.weights) > 1 else text
 
     def scorer_args(self) -> dict[str, Any]:
@@ -756,6 +761,16 @@ class SoupsConfig(Strict):
     bone_beta: float = Field(0.7, gt=0.5, lt=1.0, description="diagonal of Bone Soup's B")
     bone_k: list[float] = Field(default_factory=lambda: [1.0, 1.2, 1.4], min_length=1,
                                 description="extrapolation candidates k >= 1 (1: none), chosen on the dev split")
+    rewarded_k: list[float] | None = Field(
+        None, description="Rewarded Soups' extrapolation candidates against `policy`: k sum_i mu_i theta_i + "
+        "(1 - k) theta_SFT, chosen on dev like Bone Soups' (none: the same candidates as bone_k, so neither soup "
+        "gets an extrapolation the other does not; [1.0]: none). Both soups are also reported at k = 1")
+    morl_prompts: Literal["weights", "instructions"] = Field(
+        "instructions", description="how Prompted-MORL is told mu: the paper's per-objective instructions, or mu "
+        "as decimals (reward.condition_style)")
+    morl_budget: Literal["matched", "single"] = Field(
+        "matched", description="Prompted-MORL's PPO steps: 'matched' = as many as all of one soup's experts "
+        "together (one per objective), 'single' = one expert's")
     personalized_reward_model: str | None = Field(
         None, description="a reward model with one head per objective (rayalign rm objectives=each): Personalized "
         "Soups' experts learn from it, as in the paper; none: they learn from the gold objectives, and then "
@@ -774,9 +789,10 @@ class SoupsConfig(Strict):
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown or len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"objectives {self.objectives}: each must be one of {list(OBJECTIVES)}, once")
-        bad = [k for k in self.bone_k if not math.isfinite(k) or k < 1]
-        if bad:
-            raise ValueError(f"bone_k: extrapolation factors must be finite and >= 1, got {bad}")
+        for key in ("bone_k", "rewarded_k"):
+            bad = [k for k in getattr(self, key) or [] if not math.isfinite(k) or k < 1]
+            if bad:
+                raise ValueError(f"{key}: extrapolation factors must be finite and >= 1, got {bad}")
         if self.reference_point is not None and len(self.reference_point) != len(self.objectives):
             raise ValueError(f"reference_point has {len(self.reference_point)} entries for {len(self.objectives)} "
                              "objectives")

@@ -7,8 +7,10 @@ For every seed, `rayalign soups` from the demo's SFT-0 (objectives informative a
 preference vectors): Rewarded Soups' experts learn from the gold objectives; Personalized Soups'
 experts from a learned reward model with one head per objective (trained here once, from SFT-0,
 on noise-free per-objective pairs), as in the paper's pipeline; Bone Soups' backbones from
-h = B r; Prompted-MORL from mu . r with mu in a system message. Reported over seeds: hypervolume,
-controllability and gold win rates (mean and standard deviation).
+h = B r; Prompted-MORL from mu . r with the paper's per-objective instructions in a system message
+and the PPO steps of all of a soup's experts together. Rewarded and Bone Soups are each reported at
+k = 1 and with their extrapolation k chosen on dev from the same candidates. Reported over seeds:
+hypervolume, controllability and gold win rates (mean and standard deviation).
 
 Writes OUT/report.md, OUT/results.json and OUT/fronts.png (every seed's fronts).
 """
@@ -41,13 +43,17 @@ def per_objective_reward_model(demo: Path, out: Path) -> Path:
 
 
 def run(demo: Path, out: Path, seeds: list[int], overrides: list[str]) -> dict[str, Any]:
-    rm = per_objective_reward_model(demo, out)
-    rm_info = json.loads((rm / "rayalign.json").read_text())
+    probe = load_config(SoupsConfig, None, ["policy=unused", "output=unused", *SOUPS_FULL, *overrides])
+    rm_info: dict[str, Any] = {}
+    with_rm: list[str] = []
+    if "personalized" in probe.methods:  # its experts learn from a reward model, trained once
+        rm = per_objective_reward_model(demo, out)
+        rm_info = json.loads((rm / "rayalign.json").read_text())
+        with_rm = [f"personalized_reward_model={rm}"]
     per_seed = {}
     for s in seeds:
         cfg = load_config(SoupsConfig, None, [f"policy={demo / 'sft' / 'sft-0'}", f"output={out / f'seed-{s}'}",
-                                              f"seed={s}", f"personalized_reward_model={rm}", *SOUPS_FULL,
-                                              *overrides])
+                                              f"seed={s}", *with_rm, *SOUPS_FULL, *overrides])
         log.info("experiment: soups seed %d", s)
         per_seed[s] = run_soups(cfg, resume=True)
     return aggregate(per_seed, rm_info)
@@ -65,13 +71,28 @@ def aggregate(per_seed: dict[int, dict[str, Any]], rm_info: dict[str, Any]) -> d
                  "win_rate_vs_sft": _ms([r["methods"][m]["win_rate_vs_sft"] for r in per_seed.values()]),
                  "hypervolume_per_seed": [r["methods"][m]["hypervolume"] for r in per_seed.values()]}
              for m in methods}
+    k1 = list(first.get("at_k1", {}))
+    table.update({f"{m}_k1": {"hypervolume": _ms([r["at_k1"][m]["hypervolume"] for r in per_seed.values()]),
+                              "controllability": _ms([r["at_k1"][m]["controllability"]["mean"] for r in per_seed.values()]),
+                              "win_rate_vs_sft": _ms([r["at_k1"][m]["win_rate_vs_sft"] for r in per_seed.values()]),
+                              "hypervolume_per_seed": [r["at_k1"][m]["hypervolume"] for r in per_seed.values()]}
+                  for m in k1})
     bone_wins = [r["pairwise"]["bone vs rewarded"] for r in per_seed.values() if "bone vs rewarded" in r["pairwise"]]
+    k1_wins = [r["pairwise"]["bone vs rewarded, both at k = 1"] for r in per_seed.values()
+               if "bone vs rewarded, both at k = 1" in r["pairwise"]]
+    hv_diff = {name: _ms([r[a]["bone"]["hypervolume"] - r[a]["rewarded"]["hypervolume"] for r in per_seed.values()])
+               for name, a in (("chosen k", "methods"), ("k = 1", "at_k1")) if {"bone", "rewarded"} <= set(first[a])}
     return {"seeds": list(per_seed), "objectives": first["objectives"], "reference_point": first["reference_point"],
             "grid_points": len(first["grid"]), "methods": table,
             "bone_over_rewarded_hv_seeds": sum(r["methods"]["bone"]["hypervolume"] > r["methods"]["rewarded"]["hypervolume"]
                                                for r in per_seed.values()) if {"bone", "rewarded"} <= set(methods) else None,
             "bone_vs_rewarded_win_rate": _ms(bone_wins) if bone_wins else None,
             "bone_k": [r["chosen"].get("bone_k") for r in per_seed.values()],
+            "rewarded_k": [r["chosen"].get("rewarded_k") for r in per_seed.values()],
+            "bone_vs_rewarded_k1_win_rate": _ms(k1_wins) if k1_wins else None,
+            "bone_minus_rewarded_hypervolume": hv_diff,
+            "objective_std_sft": first.get("objective_std_sft"),
+            "morl_run": first.get("training_runs", {}).get("morl"),
             "per_objective_rm_accuracy": rm_info.get("heldout_accuracy"),
             "per_seed": per_seed}
 
@@ -79,20 +100,31 @@ def aggregate(per_seed: dict[int, dict[str, Any]], rm_info: dict[str, Any]) -> d
 def render(r: dict[str, Any]) -> str:
     lines = ["# Soups over preferences: Bone vs Rewarded vs Personalized Soups vs Prompted-MORL", "",
              f"Seeds {r['seeds']}; objectives {r['objectives']}; {r['grid_points']} preference vectors; gold rewards "
-             f"on the test prompts; hypervolume against {r['reference_point']}. Bone Soup k chosen on dev: "
-             f"{r['bone_k']}. Personalized Soups learn from a reward model with one head per objective "
-             f"(held-out accuracy {r['per_objective_rm_accuracy']}).", "", "![fronts](fronts.png)", "",
+             f"on the test prompts; hypervolume against {r['reference_point']}. k chosen on dev, per seed: Bone "
+             f"{r['bone_k']}, Rewarded {r.get('rewarded_k')}. Personalized Soups (when run) learn from a reward model "
+             f"with one head per objective (held-out accuracy {r['per_objective_rm_accuracy']}). Prompted-MORL's "
+             f"run: {r.get('morl_run')}.", "", "![fronts](fronts.png)", "",
              "| method | hypervolume (mean ± sd) | per seed | controllability (mean Spearman) | gold win rate vs SFT |",
              "|---|---|---|---|---|"]
     for m, v in r["methods"].items():
         h, c, w = v["hypervolume"], v["controllability"], v["win_rate_vs_sft"]
-        lines.append(f"| {LABELS[m]} | {h['mean']:.4f} ± {h['std']:.4f} | "
+        label = f"{LABELS[m[:-3]]}, k = 1" if m.endswith("_k1") else LABELS[m] + (
+            ", k chosen on dev" if m in ("rewarded", "bone") else "")
+        lines.append(f"| {label} | {h['mean']:.4f} ± {h['std']:.4f} | "
                      + ", ".join(f"{x:.4f}" for x in v["hypervolume_per_seed"])
                      + f" | {c['mean']:.3f} ± {c['std']:.3f} | {w['mean']:.1%} ± {w['std']:.1%} |")
     if r.get("bone_vs_rewarded_win_rate"):
         b = r["bone_vs_rewarded_win_rate"]
         lines += ["", f"Bone over Rewarded Soups: higher hypervolume in {r['bone_over_rewarded_hv_seeds']} of "
                   f"{len(r['seeds'])} seeds; mu . r win rate over the grid {b['mean']:.1%} ± {b['std']:.1%}."]
+    if r.get("bone_vs_rewarded_k1_win_rate"):
+        b = r["bone_vs_rewarded_k1_win_rate"]
+        lines.append(f"Both at k = 1: mu . r win rate of Bone over Rewarded {b['mean']:.1%} ± {b['std']:.1%}.")
+    for name, d in (r.get("bone_minus_rewarded_hypervolume") or {}).items():
+        lines.append(f"Bone minus Rewarded hypervolume, {name}: {d['mean']:+.4f} ± {d['std']:.4f} (sd over seeds).")
+    if r.get("objective_std_sft"):
+        lines.append("Objective spread under SFT (sd over test samples): " + ", ".join(
+            f"{o} {s:.3f}" for o, s in zip(r["objectives"], r["objective_std_sft"])) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -232,7 +232,7 @@ def run_demo(out: str | Path, quick: bool = False, resume: bool = False, seeds: 
 
 def serve_yaml(out: Path, soups: dict[str, Any]) -> str:
     """A `rayalign serve` config over the demo's soups: the Rewarded Soup experts and the Bone Soup
-    backbones (with the k chosen on dev), both over informative and concise."""
+    backbones (each with the k chosen on dev), both over informative and concise."""
     import yaml
 
     objs = soups["objectives"]
@@ -241,6 +241,7 @@ def serve_yaml(out: Path, soups: dict[str, Any]) -> str:
         "families": [
             {"name": "demo-soup", "kind": "linear", "objectives": list(objs),
              "models": [f"soups/runs/expert-{o}/policy" for o in objs],
+             **({"k": rk, "base_model": "sft/sft-0"} if (rk := soups["chosen"].get("rewarded_k", 1.0)) != 1.0 else {}),
              "soups": {"informative": [1.0, 0.0], "balanced": [0.5, 0.5], "terse": [0.2, 0.8]}},
             {"name": "demo-bone", "kind": "bone_soup", "objectives": list(objs), "beta": soups["bone_beta"],
              "k": soups["chosen"]["bone_k"], "base_model": "sft/sft-0",

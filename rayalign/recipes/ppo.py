@@ -252,7 +252,8 @@ class Phases:
         self.groups = torch.arange(B).repeat_interleave(n)  # rollouts come prompt by prompt, n samples each
         self.per_epoch = len(prompts) // B
         self.cond = PreferenceConditioning(roles.objectives, cfg.reward.conditioned_objectives,
-                                           cfg.reward.condition_grid) if cfg.reward.conditioning == "prompt" else None
+                                           cfg.reward.condition_grid, cfg.reward.condition_style) \
+            if cfg.reward.conditioning == "prompt" else None
         self.kl_ctl = AdaptiveKL(cfg.algo.beta, cfg.algo.kl_target, cfg.algo.kl_horizon)
         self.moments = RunningMoments()
         self.on_phase = on_phase

@@ -10,7 +10,13 @@ Training (every run is PPO from the same SFT model, through `run_rl`):
                   k chosen on the dev split by hypervolume
     personalized  one expert per objective trained on a learned reward model's head i (the paper's
                   pipeline), merged like rewarded; without a reward model the experts are Rewarded Soups'
-    morl          one policy on mu . r, mu drawn per prompt from the grid and told in a system message
+    morl          one policy on mu . r, mu told in a system message: by default the paper's
+                  per-objective instructions (arXiv 2310.11564), with as many PPO steps as one soup's
+                  experts together
+
+Rewarded Soups get the same extrapolation against SFT as Bone Soups (k chosen on dev from
+`rewarded_k`, by default Bone's candidates), and both are also reported at k = 1, so the two soups
+are compared with and without it.
 
 Evaluation: for every mu of the preference grid, the method's model generates on the test prompts
 and the gold functions score every objective. A method's front is its mean gold vector per mu;
@@ -86,7 +92,10 @@ def training_runs(cfg: SoupsConfig) -> dict[str, list[str]]:
             runs[f"backbone-{j}"] = [f"reward.weights={_on(objs, B[j], list(OBJECTIVES))}"]
     if "morl" in cfg.methods:
         runs["morl"] = ["reward.conditioning=prompt", f"reward.conditioned_objectives=[{','.join(objs)}]",
-                        f"reward.condition_grid={cfg.grid_points}"]
+                        f"reward.condition_grid={cfg.grid_points}", f"reward.condition_style={cfg.morl_prompts}"]
+        if cfg.morl_budget == "matched":  # one policy gets the PPO steps of all of a soup's experts together
+            steps = load_config(RLConfig, cfg.rl_config, ["policy=unused", "output=unused", *cfg.rl]).steps
+            runs["morl"].append(f"steps={k * steps}")
     return runs
 
 
@@ -107,7 +116,7 @@ def train(cfg: SoupsConfig, out: Path, resume: bool) -> dict[str, Path]:
         for name, overrides in training_runs(cfg).items():
             rl = load_config(RLConfig, cfg.rl_config, [f"policy={cfg.policy}", f"output={out / 'runs' / name}",
                                                        f"seed={cfg.seed}", f"world.seed={cfg.world.seed}",
-                                                       *overrides, *lora_overrides(cfg), *cfg.rl])
+                                                       *lora_overrides(cfg), *cfg.rl, *overrides])
             log.info("soups: PPO run %s (%s)", name, " ".join(overrides))
             policies[name] = run_rl(rl, "ppo", resume=resume)
     finally:
@@ -182,6 +191,7 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
     chosen: dict[str, Any] = {}
 
     soup_fronts: dict[tuple[str, ...], np.ndarray] = {}
+    at_k1: dict[str, np.ndarray] = {}
 
     def soup_front(prefix: str, desc: str) -> np.ndarray:
         """theta = sum_i mu_i theta_i over the experts; evaluated once per expert set (without a reward
@@ -193,33 +203,43 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
             soup_fronts[names] = test.front(grid, lambda mu: (merged.set(coefficients(mu)), merged.tok, None), desc)
         return soup_fronts[names]
 
+    def extrapolated(method: str, kind: str, ingredients: list[Path], candidates: list[float], beta: float | None
+                     ) -> np.ndarray:
+        """A soup with k sum_j lambda_j theta_j + (1 - k) theta_SFT, k chosen on dev by hypervolume (the
+        smaller k of ties); its test front at that k, and at k = 1 (kept in `at_k1`)."""
+        merged = MergedModel([*ingredients, cfg.policy])
+        coefficients = merge_method(kind).preference_coefficients
+
+        def at(kk: float) -> Callable[[np.ndarray], tuple[Any, Any, None]]:
+            return lambda mu: (merged.set(coefficients(mu, beta, kk, anchor=True)), merged.tok, None)
+
+        dev_hv = {}
+        for kk in candidates:
+            dev_hv[kk] = hypervolume(dev.mean_front(dev.front(grid, at(kk), f"{LABELS[method]} k={kk} (dev)")), ref)
+            log.info("soups: %s k=%.2f -> dev hypervolume %.4f", LABELS[method], kk, dev_hv[kk])
+        best = max(candidates, key=lambda kk: (dev_hv[kk], -kk))
+        chosen[f"{method}_k"] = best
+        chosen[f"{method}_dev_hypervolume"] = {str(kk): v for kk, v in dev_hv.items()}
+        at_k1[method] = test.front(grid, at(1.0), f"{LABELS[method]} k=1")
+        return at_k1[method] if best == 1.0 else test.front(grid, at(best), f"{LABELS[method]} k={best}")
+
     if "rewarded" in cfg.methods:
-        scores["rewarded"] = soup_front("expert", "rewarded soups")
+        scores["rewarded"] = extrapolated("rewarded", "linear", [policies[f"expert-{o}"] for o in objs],
+                                          cfg.rewarded_k if cfg.rewarded_k is not None else cfg.bone_k, None)
+        soup_fronts[tuple(f"expert-{o}" for o in objs)] = at_k1["rewarded"]
     if "personalized" in cfg.methods:
         scores["personalized"] = soup_front("personal" if cfg.personalized_reward_model else "expert",
                                             "personalized soups")
     if "bone" in cfg.methods:
-        merged = MergedModel([*(policies[f"backbone-{j}"] for j in range(k)), cfg.policy])
-
-        def bone(kk: float) -> Callable[[np.ndarray], tuple[Any, Any, None]]:
-            coefficients = merge_method("bone_soup").preference_coefficients
-            return lambda mu: (merged.set(coefficients(mu, cfg.bone_beta, kk, anchor=True)), merged.tok, None)
-
-        dev_hv = {}
-        for kk in cfg.bone_k:
-            dev_hv[kk] = hypervolume(dev.mean_front(dev.front(grid, bone(kk), f"bone soups k={kk} (dev)")), ref)
-            log.info("soups: Bone Soup k=%.2f -> dev hypervolume %.4f", kk, dev_hv[kk])
-        best_k = max(cfg.bone_k, key=lambda kk: (dev_hv[kk], -kk))
-        chosen["bone_k"] = best_k
-        chosen["bone_dev_hypervolume"] = {str(kk): v for kk, v in dev_hv.items()}
-        scores["bone"] = test.front(grid, bone(best_k), "bone soups")
+        scores["bone"] = extrapolated("bone", "bone_soup", [policies[f"backbone-{j}"] for j in range(k)], cfg.bone_k,
+                                      cfg.bone_beta)
     if "morl" in cfg.methods:
         model, mtok = load_causal_lm(policies["morl"])
-        cond = PreferenceConditioning(objs, objs, cfg.grid_points)
+        cond = PreferenceConditioning(objs, objs, cfg.grid_points, cfg.morl_prompts)
         scores["morl"] = test.front(grid, lambda mu: (model, mtok, [cond.messages(p, mu) for p in test.prompts]),
                                     "prompted-MORL")
 
-    results = summarise(cfg, grid, ref, scores, sft_scores, test)
+    results = summarise(cfg, grid, ref, scores, sft_scores, test, at_k1)
     results.update(chosen=chosen, runs={n: str(p) for n, p in policies.items()}, training_runs=training_runs(cfg),
                    lora=cfg.lora.model_dump() if cfg.lora.enabled else None)
     fronts = {LABELS[m]: np.asarray(results["methods"][m]["front"]) for m in scores}
@@ -228,27 +248,36 @@ def evaluate_fronts(cfg: SoupsConfig, policies: dict[str, Path], out: Path) -> d
     xy_lines({LABELS[m]: (grid[:, 0].tolist(), np.asarray(results["methods"][m]["front"])[:, 0].tolist())
               for m in scores}, out / "controllability.png", f"preference mu_{objs[0]}",
              f"achieved gold {objs[0]}", "Controllability")
-    np.savez_compressed(out / "scores.npz", grid=grid, sft=sft_scores, **scores)
+    np.savez_compressed(out / "scores.npz", grid=grid, sft=sft_scores, **scores,
+                        **{f"{m}_k1": s for m, s in at_k1.items()})
     return results
 
 
 def summarise(cfg: SoupsConfig, grid: np.ndarray, ref: np.ndarray, scores: dict[str, np.ndarray],
-              sft_scores: np.ndarray, test: FrontEvaluator) -> dict[str, Any]:
+              sft_scores: np.ndarray, test: FrontEvaluator, at_k1: dict[str, np.ndarray] | None = None
+              ) -> dict[str, Any]:
     objs = cfg.objectives
     weights = [np.asarray(_on(objs, mu, list(OBJECTIVES))) for mu in grid]
-    methods: dict[str, Any] = {}
-    for m, s in scores.items():
+
+    def describe(m: str, s: np.ndarray) -> dict[str, Any]:
         front = test.mean_front(s)
-        methods[m] = {
-            "label": LABELS[m], "front": front.tolist(), "hypervolume": hypervolume(front, ref),
-            "controllability": controllability(grid, front, objs),
-            "win_rate_vs_sft": float(np.mean([win_rate_at(s[g], sft_scores, w) for g, w in enumerate(weights)])),
-        }
+        return {"label": LABELS[m], "front": front.tolist(), "hypervolume": hypervolume(front, ref),
+                "controllability": controllability(grid, front, objs),
+                "win_rate_vs_sft": float(np.mean([win_rate_at(s[g], sft_scores, w) for g, w in enumerate(weights)]))}
+
+    def pair(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean([win_rate_at(a[g], b[g], w) for g, w in enumerate(weights)]))
+
+    methods = {m: describe(m, s) for m, s in scores.items()}
+    k1 = {m: describe(m, s) for m, s in (at_k1 or {}).items()}
     pairwise = {}
     if "bone" in scores and "rewarded" in scores:
-        pairwise["bone vs rewarded"] = float(np.mean([win_rate_at(scores["bone"][g], scores["rewarded"][g], w)
-                                                      for g, w in enumerate(weights)]))
-    return {"objectives": objs, "grid": grid.tolist(), "reference_point": ref.tolist(),
+        pairwise["bone vs rewarded"] = pair(scores["bone"], scores["rewarded"])
+        if {"bone", "rewarded"} <= set(k1):
+            pairwise["bone vs rewarded, both at k = 1"] = pair(at_k1["bone"], at_k1["rewarded"])
+    # the objectives' spread under the SFT model: a backbone reward h = B r mixes them at these scales
+    spread = sft_scores.reshape(-1, sft_scores.shape[-1]).std(0)[test.index]
+    return {"at_k1": k1, "objective_std_sft": spread.tolist(),"objectives": objs, "grid": grid.tolist(), "reference_point": ref.tolist(),
             "sft": sft_scores.mean(axis=(0, 1))[test.index].tolist(), "methods": methods, "pairwise": pairwise,
             "test_prompts": len(test.prompts), "samples_per_prompt": test.ev.samples_per_prompt,
             "bone_beta": cfg.bone_beta, "shared_experts": "personalized" in scores and not cfg.personalized_reward_model}
@@ -260,7 +289,8 @@ def render(r: dict[str, Any], heading: str = "#", images: str = "") -> str:
              f"{len(r['grid'])} preference vectors, {r['test_prompts']} test prompts x {r['samples_per_prompt']} "
              f"samples, gold rewards; hypervolume against the reference point {r['reference_point']}; SFT model at "
              f"{[round(x, 3) for x in r['sft']]}. Bone Soups: beta {r['bone_beta']}, k = "
-             f"{r.get('chosen', {}).get('bone_k', '-')} (chosen on the dev split).", "",
+             f"{r.get('chosen', {}).get('bone_k', '-')}; Rewarded Soups: k = {r.get('chosen', {}).get('rewarded_k', '-')}"
+             " (each chosen on the dev split; both also at k = 1 below).", "",
              f"![fronts]({images}fronts.png)", "",
              "| method | hypervolume | controllability (mean Spearman) | " + " | ".join(f"Spearman {o}" for o in objs)
              + " | gold win rate vs SFT (mu . r) |", "|---" * (4 + len(objs)) + "|"]
@@ -268,6 +298,14 @@ def render(r: dict[str, Any], heading: str = "#", images: str = "") -> str:
         c = v["controllability"]
         lines.append(f"| {v['label']} | {v['hypervolume']:.4f} | {c['mean']:.3f} | "
                      + " | ".join(f"{c['per_objective'][o]:.3f}" for o in objs) + f" | {v['win_rate_vs_sft']:.1%} |")
+    for m, v in r.get("at_k1", {}).items():
+        c = v["controllability"]
+        lines.append(f"| {v['label']}, k = 1 | {v['hypervolume']:.4f} | {c['mean']:.3f} | "
+                     + " | ".join(f"{c['per_objective'][o]:.3f}" for o in objs) + f" | {v['win_rate_vs_sft']:.1%} |")
+    if r.get("objective_std_sft"):
+        lines.append(f"\nSpread (standard deviation) of each objective under the SFT model: "
+                     + ", ".join(f"{o} {s:.3f}" for o, s in zip(objs, r["objective_std_sft"]))
+                     + " -- a backbone reward h = B r mixes the raw objectives at these scales.")
     for name, w in r.get("pairwise", {}).items():
         lines.append(f"\n{name} (mu . r win rate over the grid): {w:.1%}")
     if r.get("training_runs"):
