@@ -48,7 +48,7 @@ from rayalign.recipes.ppo import run_rl
 from rayalign.utils.io import atomic_write_json
 from rayalign.utils.logging import log, setup_logging
 
-KL_TARGETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+KL_TARGETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def metrics(run: Path) -> list[dict[str, float]]:
