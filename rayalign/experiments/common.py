@@ -4,6 +4,8 @@ writing their report."""
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,20 @@ def check_demo(p: argparse.ArgumentParser, demo: Path, needs: str) -> None:
         p.error(f"--demo {demo}: no {needs} inside (run `rayalign demo` first)")
 
 
+def command_line() -> str:
+    """How this process was started, as a command to rerun it (`python -m module args`)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def write_report(out: Path, results: dict[str, Any], text: str) -> None:
-    atomic_write_json(out / "results.json", results)
+    """results.json and report.md, both stating the command that made them."""
+    command = command_line()
+    atomic_write_json(out / "results.json", {**results, "command": command})
+    title, _, rest = text.partition("\n")
+    text = f"{title}\n\nCommand: `{command}`\n{rest}"
     atomic_write_text(out / "report.md", text)
     print(text)
 
