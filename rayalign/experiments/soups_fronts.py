@@ -101,9 +101,10 @@ def render(r: dict[str, Any]) -> str:
     lines = ["# Soups over preferences: Bone vs Rewarded vs Personalized Soups vs Prompted-MORL", "",
              f"Seeds {r['seeds']}; objectives {r['objectives']}; {r['grid_points']} preference vectors; gold rewards "
              f"on the test prompts; hypervolume against {r['reference_point']}. k chosen on dev, per seed: Bone "
-             f"{r['bone_k']}, Rewarded {r.get('rewarded_k')}. Personalized Soups (when run) learn from a reward model "
-             f"with one head per objective (held-out accuracy {r['per_objective_rm_accuracy']}). Prompted-MORL's "
-             f"run: {r.get('morl_run')}.", "", "![fronts](fronts.png)", "",
+             f"{r['bone_k']}, Rewarded {r.get('rewarded_k')}."
+             + (f" Personalized Soups learn from a reward model with one head per objective (held-out accuracy "
+                f"{r['per_objective_rm_accuracy']})." if r.get("per_objective_rm_accuracy") else "")
+             + f" Prompted-MORL's run: {r.get('morl_run')}.", "", "![fronts](fronts.png)", "",
              "| method | hypervolume (mean ± sd) | per seed | controllability (mean Spearman) | gold win rate vs SFT |",
              "|---|---|---|---|---|"]
     for m, v in r["methods"].items():
