@@ -238,6 +238,20 @@ def plots(r: dict[str, Any], study: Study, out: Path) -> None:
 
     seeds, curves = r["seeds"], r["curves"]
 
+    def style(ax: Any, xlabel: str, ylabel: str | None = None, title: str | None = None) -> None:
+        ax.set_xlabel(xlabel)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
     def mean_curve(c: str, beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pts = [curves[run_name(c, beta, s)] for s in seeds]
         return tuple(np.mean([[p[k] for p in ps] for ps in pts], axis=0) for k in ("kl_sft0", "rm", "gold"))
@@ -253,14 +267,10 @@ def plots(r: dict[str, Any], study: Study, out: Path) -> None:
         axes[row][0].set_title(f"{name}: proxy (reward model)", fontsize=9)
         axes[row][1].set_title(f"{name}: gold", fontsize=9)
         for ax in axes[row]:
-            ax.set_xlabel("sqrt(KL to SFT-0), test prompts")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            style(ax, "sqrt(KL to SFT-0), test prompts")
     fig.suptitle(f"Over-optimisation (arXiv 2210.10760): snapshots every {r['snapshot_every']} iterations, "
                  f"mean of {len(seeds)} seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "over_optimisation.png", dpi=110)
-    plt.close(fig)
+    save(fig, "over_optimisation.png")
 
     # matched KL: the chosen cells' gold against KL, each seed's curve thin, targets marked
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
@@ -272,14 +282,9 @@ def plots(r: dict[str, Any], study: Study, out: Path) -> None:
             pts = curves[run_name(c, beta, s)]
             ax.plot([p["kl_sft0"] for p in pts], [p["gold"] for p in pts], color=colours[i], alpha=0.7,
                     marker="o", markersize=2.5, linewidth=1, label=f"{c} beta {beta:g}" if j == 0 else None)
-    ax.set_xlabel("KL to SFT-0 (test prompts)")
-    ax.set_ylabel("gold reward (combined)")
-    ax.set_title("Gold against KL at each method's chosen beta (one line per seed)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "matched_kl.png", dpi=110)
-    plt.close(fig)
+    style(ax, "KL to SFT-0 (test prompts)", "gold reward (combined)",
+          "Gold against KL at each method's chosen beta (one line per seed)")
+    save(fig, "matched_kl.png")
 
     # training batches: proxy and gold against KL to the run's own reference, per iteration
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -290,27 +295,16 @@ def plots(r: dict[str, Any], study: Study, out: Path) -> None:
             ax.plot(kl, np.mean([[x[key] for x in rs] for rs in rows], axis=0), color=colours[i],
                     label=f"{c} beta {beta:g}")
     for ax, label in zip(axes, ("proxy (reward model, before normalisation)", "gold")):
-        ax.set_xlabel("KL to own reference (training batch, per iteration)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=110)
-    plt.close(fig)
+        style(ax, "KL to own reference (training batch, per iteration)", label)
+    save(fig, "training_curves.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for i, (c, h) in enumerate(r["kl_hack"].items()):
         ax.plot(range(1, len(h["length"]) + 1), h["length"], color=colours[i],
                 label=f"{'SALSA (soup ref)' if c != 'ppo' else 'PPO (SFT-0 ref)'} beta {h['beta']:g}, {h['estimator']}")
         ax.scatter(h["alarms"], [h["length"][a - 1] for a in h["alarms"]], color="red", marker="x", zorder=3)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mean response length (tokens)")
-    ax.set_title("KL hack and its control (x = collapse alarm)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "kl_hack_length.png", dpi=110)
-    plt.close(fig)
+    style(ax, "iteration", "mean response length (tokens)", "KL hack and its control (x = collapse alarm)")
+    save(fig, "kl_hack_length.png")
 
 
 def render(r: dict[str, Any]) -> str:
