@@ -23,12 +23,22 @@ def mean_se(xs: list[float]) -> list[float]:
     return [float(np.mean(xs)), float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0]
 
 
+def ints(text: str) -> list[int]:
+    """A comma-separated command-line list of ints ("0,1,2")."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def floats(text: str) -> list[float]:
+    """A comma-separated command-line list of floats ("0.1,0.3")."""
+    return [float(x) for x in text.split(",") if x]
+
+
 def demo_parser(doc: str, needs: str) -> argparse.ArgumentParser:
     """--demo (a finished `rayalign demo` run holding `needs`), --out, --seeds."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", type=Path, required=True, help=f"a demo run directory (with {needs})")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0, 1, 2],
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2],
                    help="comma-separated (default 0,1,2)")
     return p
 

@@ -42,7 +42,7 @@ from rayalign.config.core import load_config
 from rayalign.config.schema import RLConfig
 from rayalign.distributed.cluster import connect
 from rayalign.eval.kl import sequence_kl
-from rayalign.experiments.common import Judge, mean_se, write_report
+from rayalign.experiments.common import Judge, floats, ints, mean_se, write_report
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.ppo import run_rl
 from rayalign.utils.io import atomic_write_json
@@ -350,14 +350,6 @@ def render(r: dict[str, Any]) -> str:
                      f"{h['length'][0]:.1f} -> {h['length'][-1]:.1f} ({min(h['length']):.1f}) | {h['kl'][-1]:.2f} | "
                      f"{h['gold'][0]:.3f} -> {h['gold'][-1]:.3f} | {len(h['alarms'])} (first {h['alarms'][:1]}) |")
     return "\n".join(lines) + "\n"
-
-
-def floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
-
-
-def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
 
 
 def main() -> None:

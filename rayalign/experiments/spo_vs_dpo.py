@@ -32,7 +32,7 @@ from rayalign.eval.diversity import diversity
 from rayalign.eval.gold import GoldResult, evaluate, win_rate
 from rayalign.eval.kl import sequence_kl
 from rayalign.eval.plots import reward_kl_curves
-from rayalign.experiments.common import mean_se, write_report
+from rayalign.experiments.common import floats, ints, mean_se, write_report
 from rayalign.models.checkpoint import load_causal_lm
 from rayalign.recipes.preference import run_preference
 from rayalign.utils.logging import log, setup_logging
@@ -153,22 +153,14 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", type=Path, required=True, help="a demo run directory (with sft/sft-0)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated; the first also tunes")
-    p.add_argument("--alphas", type=_floats, default=[0.25, 1.0, 4.0], help="SPO alphas tried on dev")
-    p.add_argument("--dpo-betas", type=_floats, default=[0.03, 0.1, 0.3], help="DPO betas tried on dev")
+    p.add_argument("--seeds", type=ints, default=[0, 1, 2], help="comma-separated; the first also tunes")
+    p.add_argument("--alphas", type=floats, default=[0.25, 1.0, 4.0], help="SPO alphas tried on dev")
+    p.add_argument("--dpo-betas", type=floats, default=[0.03, 0.1, 0.3], help="DPO betas tried on dev")
     p.add_argument("--gamma", type=float, default=1.0, help="weighted SPO's exponent")
     p.add_argument("--kl-coef", type=float, default=0.1)
     p.add_argument("--dev-samples", type=int, default=8, help="samples per dev prompt")
