@@ -28,6 +28,17 @@ def test_bundles_follow_the_config_and_colocation():
     assert "learner[1]" in text and "reference[1]" in text and "6 bundles" in text
 
 
+def test_cpu_threads_reach_the_plan_and_a_bad_count_is_refused():
+    """`resources.cpu_threads` reaches the role's demand (its actors' OMP_NUM_THREADS: checked on a
+    real Ray in test_rl_on_ray's GRPO run); unset, Ray's rule applies."""
+    plan = PlacementPlan.from_config(_cfg(learner={"resources": {"num_cpus": 0.5, "cpu_threads": 4}}))
+    assert plan.demands["learner"].cpu_threads == 4 and plan.demands["reference"].cpu_threads is None
+    text = plan.describe()
+    assert "learner[0] (CPU=0.5, 4 threads)" in text and "reference[0] (CPU=0.25)" in text
+    with pytest.raises(ValueError, match="cpu_threads"):
+        _cfg(learner={"resources": {"cpu_threads": 0}})
+
+
 def test_check_places_bundles_or_names_what_is_missing():
     plan = PlacementPlan.build([RoleDemand("learner", 8, 4, 1), RoleDemand("rollout", 4, 4, 1)])
     two_nodes = [{"CPU": 32, "GPU": 8}, {"CPU": 32, "GPU": 8}]

@@ -120,7 +120,9 @@ def test_grpo_with_a_soup_reference_trains_the_policy_without_a_critic(quick_dem
     """GRPO (group-normalised advantages) with the KL to a soup of the two SFT seeds as a k3 loss
     term, on 2 learner ranks: no value model is built, trained or saved. The reward stacks the gold
     objectives, a Python function given by file path (imported inside the reward actor; the driver
-    never imports it) and a reward service over HTTP on loopback, combined by weights."""
+    never imports it) and a reward service over HTTP on loopback, combined by weights. The learner
+    ranks and the reference compute on 2 torch threads each (`resources.cpu_threads`), the reward
+    actor on Ray's one thread for its 0.1 CPU."""
     from safetensors.numpy import load_file
 
     from rayalign.recipes.ppo import run_rl
@@ -133,12 +135,25 @@ def test_grpo_with_a_soup_reference_trains_the_policy_without_a_critic(quick_dem
     with RewardService() as svc:
         cfg = _rl_cfg(quick_demo, out, steps=2, prompts_per_step=8, rollout={"max_new_tokens": 16, "n": 2},
                       algo={"estimator": "grpo", "beta": 0.1},
+                      reference={"models": [str(sft0), str(quick_demo / "sft" / "sft-1")],
+                                 "resources": {"num_cpus": 0.1, "cpu_threads": 2}},
                       reward={"kind": ["gold", "function", "http"], "function": str(fn), "http": svc.url,
                               "http_objectives": ["length", "long_prompt"], "weights": [0.6, 0.2, 0.2, -0.01, 0.0, 0.0],
                               "resources": {"num_cpus": 0.1}})
         cfg = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={
-            "actor": cfg.learner.actor.model_copy(update={"lr": 1e-3})})})
-        policy = run_rl(cfg, "grpo")
+            "actor": cfg.learner.actor.model_copy(update={"lr": 1e-3}),
+            "resources": cfg.learner.resources.model_copy(update={"cpu_threads": 2})})})
+        threads: dict[str, list[int]] = {}
+
+        def torch_threads(it, metrics, roles):
+            def get(actors):
+                return ray.get([a.__ray_call__.remote(lambda _self: __import__("torch").get_num_threads())
+                                for a in actors])
+            threads.update(learner=get(roles.learners.ranks), reference=get(roles.reference.actors),
+                           reward=get(roles.reward.actors))
+
+        policy = run_rl(cfg, "grpo", on_step=torch_threads)
+        assert threads == {"learner": [2, 2], "reference": [2], "reward": [1]}
         assert svc.calls >= 2  # one batch per iteration from the reward actor
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -244,6 +244,11 @@ class Resources(Strict):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    cpu_threads: int | None = Field(None, ge=1, description="torch CPU threads of each of the role's actors "
+                                    "(OMP_NUM_THREADS). None: Ray's rule, the reserved CPUs rounded down, at least "
+                                    "1, so a role holding 0.5 CPU computes on one core. The RL loop runs its "
+                                    "phases one after another, so on a CPU machine the learner and reference "
+                                    "can each take every core")
 
 
 class VLLMOptions(Strict):

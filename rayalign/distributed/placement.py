@@ -30,6 +30,12 @@ class RoleDemand:
     count: int
     num_cpus: float
     num_gpus: float
+    cpu_threads: int | None = None  # OMP_NUM_THREADS of each actor; None: Ray's (floor of num_cpus, >= 1)
+
+    @classmethod
+    def of(cls, role: str, count: int, resources: Any) -> RoleDemand:
+        """From a config's `Resources` (num_cpus, num_gpus, cpu_threads)."""
+        return cls(role, count, resources.num_cpus, resources.num_gpus, resources.cpu_threads)
 
 
 @dataclass
@@ -67,13 +73,11 @@ class PlacementPlan:
     @classmethod
     def from_config(cls, cfg: Any) -> PlacementPlan:
         demands = [
-            RoleDemand("learner", cfg.learner.ranks, cfg.learner.resources.num_cpus, cfg.learner.resources.num_gpus),
-            RoleDemand("rollout", cfg.rollout.workers, cfg.rollout.resources.num_cpus,
-                       cfg.rollout.resources.num_gpus),
-            RoleDemand("reward", cfg.reward.workers, cfg.reward.resources.num_cpus, cfg.reward.resources.num_gpus),
-            RoleDemand("reference", 0 if getattr(cfg, "reference_in_learner", False) else cfg.reference.workers,
-                       cfg.reference.resources.num_cpus,
-                       cfg.reference.resources.num_gpus),
+            RoleDemand.of("learner", cfg.learner.ranks, cfg.learner.resources),
+            RoleDemand.of("rollout", cfg.rollout.workers, cfg.rollout.resources),
+            RoleDemand.of("reward", cfg.reward.workers, cfg.reward.resources),
+            RoleDemand.of("reference", 0 if getattr(cfg, "reference_in_learner", False) else cfg.reference.workers,
+                          cfg.reference.resources),
         ]
         return cls.build(demands, [list(g) for g in cfg.placement.colocate], cfg.placement.strategy)
 
@@ -151,7 +155,8 @@ class PlacementPlan:
             parts = []
             for r, i in self.members[b]:
                 d = self.demands[r]
-                parts.append(f"{r}[{i}] ({_fmt({'CPU': d.num_cpus, 'GPU': d.num_gpus})})")
+                threads = "" if d.cpu_threads is None else f", {d.cpu_threads} threads"
+                parts.append(f"{r}[{i}] ({_fmt({'CPU': d.num_cpus, 'GPU': d.num_gpus})}{threads})")
             lines.append(f"  bundle {b:2d} {_fmt(bundle):>18}  " + ", ".join(parts))
         return "\n".join(lines)
 
@@ -190,9 +195,12 @@ class PlacementPlan:
         if self.pg is None:
             raise RuntimeError("reserve() the plan before placing actors")
         d = self.demands[role]
-        return {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=self.where[(role, instance)])}
+        options = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus,
+                   "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                       self.pg, placement_group_bundle_index=self.where[(role, instance)])}
+        if d.cpu_threads is not None:  # merged into the job's runtime env per variable; kept across restarts
+            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(d.cpu_threads)}}
+        return options
 
 
 def cluster_nodes() -> list[dict[str, float]]:

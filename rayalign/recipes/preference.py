@@ -62,11 +62,9 @@ def online_kl(cfg: PrefConfig, method: str) -> bool:
 
 def placement(cfg: PrefConfig, online: bool) -> PlacementPlan:
     """Learner ranks (each with its pi_ref inside), plus the rollout workers when SPO samples online."""
-    demands = [RoleDemand("learner", cfg.learner.ranks, cfg.learner.resources.num_cpus,
-                          cfg.learner.resources.num_gpus)]
+    demands = [RoleDemand.of("learner", cfg.learner.ranks, cfg.learner.resources)]
     if online:
-        demands.append(RoleDemand("rollout", cfg.rollout.workers, cfg.rollout.resources.num_cpus,
-                                  cfg.rollout.resources.num_gpus))
+        demands.append(RoleDemand.of("rollout", cfg.rollout.workers, cfg.rollout.resources))
     roles = {d.role for d in demands}
     colocate = [[r for r in g if r in roles] for g in cfg.placement.colocate]
     return PlacementPlan.build(demands, [g for g in colocate if len(g) > 1], cfg.placement.strategy)
