@@ -64,10 +64,19 @@ def test_quick_demo_writes_every_stage_and_report(quick_demo):
     morl_config = (quick_demo / "soups" / "runs" / "morl" / "config.yaml").read_text()
     assert "conditioning: prompt" in morl_config and "condition_style: instructions" in morl_config
     assert "\nsteps: 4\n" in morl_config  # the PPO steps of both experts (2 each)
+    # no GPU here: every RL learner and reference of the demo computes on all of the machine's cores
+    from rayalign.config.core import load_config
+    from rayalign.config.schema import PrefConfig, RLConfig
+
+    cores = len(os.sched_getaffinity(0))
+    for run in ("ppo", "salsa", "soups/runs/morl"):
+        rl = load_config(RLConfig, quick_demo / run / "config.yaml")
+        assert rl.learner.resources.cpu_threads == rl.reference.resources.cpu_threads == cores, run
+        assert rl.rollout.resources.cpu_threads is None, run
+    assert load_config(PrefConfig, quick_demo / "spo" / "config.yaml").learner.resources.cpu_threads == cores
     assert "## Soups over preferences: informative vs concise" in report and "| Bone Soups |" in report
     assert (quick_demo / "soups" / "fronts.png").read_bytes()[:4] == b"\x89PNG"
     # a `rayalign serve` config over the demo's soups
-    from rayalign.config.core import load_config
     from rayalign.config.schema import ServeConfig
 
     serve_cfg = load_config(ServeConfig, quick_demo / "serve.yaml")

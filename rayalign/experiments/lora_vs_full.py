@@ -31,7 +31,7 @@ from rayalign.eval.gold import evaluate
 from rayalign.eval.kl import sequence_kl
 from rayalign.experiments.common import check_demo, demo_parser, write_report
 from rayalign.models.checkpoint import load_causal_lm
-from rayalign.recipes.demo import PREF_FULL, SOUPS_FULL
+from rayalign.recipes.demo import PREF_FULL, SOUPS_FULL, with_rl
 from rayalign.recipes.ppo import run_rl
 from rayalign.recipes.preference import run_preference
 from rayalign.recipes.soups import run_soups
@@ -84,11 +84,9 @@ def run(demo: Path, out: Path, seeds: list[int], rank: int, lr_scale: float, sam
                 if "soups" in parts:
                     extra = [] if v == "full" else [f"lora.r={rank}", f"lora.alpha={2 * rank}"]
                     rl_extra = [] if v == "full" else [f"learner.actor.lr={rl_base.learner.actor.lr * lr_scale}"]
-                    steps = next(o for o in SOUPS_FULL if o.startswith("rl="))[4:-1]
                     cfg = load_config(SoupsConfig, None, [
                         f"policy={sft}", f"output={out / 'soups' / f'{v}-{s}'}", f"seed={s}", "methods=[rewarded,bone]",
-                        *[o for o in SOUPS_FULL if not o.startswith("rl=")], f"rl=[{','.join([steps, *rl_extra])}]",
-                        *extra])
+                        *with_rl(SOUPS_FULL, rl_extra), *extra])
                     log.info("lora-vs-full: soups %s seed %d", v, s)
                     res = run_soups(cfg, resume=True)
                     per_seed["soups"][v][s] = {m: res["methods"][m]["hypervolume"] for m in ("rewarded", "bone")}
