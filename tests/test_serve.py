@@ -668,15 +668,37 @@ def test_killed_replica_gives_503_with_retry_after_then_recovers(server):
             return r.status_code, (await r.aread()).decode()
 
     async def run():
+        # Load that never pauses: each client sends its next request as soon as one is answered, until
+        # the kill, so requests are in flight when the process dies however fast the tiny models answer.
+        killed = asyncio.Event()
+        served: dict[str, int] = {}
+        responses: list[httpx.Response] = []
+        streamed: list[tuple[int, str]] = []
+
+        async def whole_client(http, name):
+            while not killed.is_set():
+                responses.append(await http.post(url, json=body))
+                served[name] = served.get(name, 0) + 1
+
+        async def stream_client(http, name):
+            while not killed.is_set():
+                streamed.append(await stream(http))
+                served[name] = served.get(name, 0) + 1
+
         async with httpx.AsyncClient(timeout=240, headers={"Authorization": "Bearer sk-test"}) as http:
-            tasks = [asyncio.create_task(http.post(url, json=body)) for _ in range(12)]
-            streams = [asyncio.create_task(stream(http)) for _ in range(4)]
-            await asyncio.sleep(0.5)
+            clients = [asyncio.create_task(whole_client(http, f"w{i}")) for i in range(8)]
+            clients += [asyncio.create_task(stream_client(http, f"s{i}")) for i in range(4)]
+            started = time.monotonic()
+            while len(served) < len(clients) and time.monotonic() - started < 120:
+                await asyncio.sleep(0.05)  # every client answered once: the replica is warm and busy
+            await asyncio.sleep(0.2)
             victims = replicas()
             assert victims, "no model replica process found"
             for p in victims:
                 p.kill()
-            return await asyncio.gather(*tasks), await asyncio.gather(*streams)
+            killed.set()
+            await asyncio.gather(*clients)
+        return responses, streamed
 
     responses, streamed = asyncio.run(run())
     codes = [r.status_code for r in responses] + [c for c, _ in streamed]
