@@ -675,19 +675,15 @@ def test_killed_replica_gives_503_with_retry_after_then_recovers(server):
         responses: list[httpx.Response] = []
         streamed: list[tuple[int, str]] = []
 
-        async def whole_client(http, name):
+        async def client(name, send, answers):
             while not killed.is_set():
-                responses.append(await http.post(url, json=body))
-                served[name] = served.get(name, 0) + 1
-
-        async def stream_client(http, name):
-            while not killed.is_set():
-                streamed.append(await stream(http))
+                answers.append(await send())
                 served[name] = served.get(name, 0) + 1
 
         async with httpx.AsyncClient(timeout=240, headers={"Authorization": "Bearer sk-test"}) as http:
-            clients = [asyncio.create_task(whole_client(http, f"w{i}")) for i in range(8)]
-            clients += [asyncio.create_task(stream_client(http, f"s{i}")) for i in range(4)]
+            clients = [asyncio.create_task(client(f"w{i}", lambda: http.post(url, json=body), responses))
+                       for i in range(8)]
+            clients += [asyncio.create_task(client(f"s{i}", lambda: stream(http), streamed)) for i in range(4)]
             started = time.monotonic()
             while len(served) < len(clients) and time.monotonic() - started < 120:
                 await asyncio.sleep(0.05)  # every client answered once: the replica is warm and busy
